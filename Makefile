@@ -1,0 +1,37 @@
+# recon-diffuser: `make demo` and `make test` are all a new user needs.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench weights download-nsd clean-demo
+
+setup: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes; a second `make setup` takes a second.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev,captions]'
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) synthetic_main.py --config configs/demo.toml
+	$(VPY) re_recon_main.py demo_dropout --config configs/demo.toml --executor local
+	@echo "demo finished: see demo_output/results/synthetic/ (images/, eval/) and demo_output/results/experiments/"
+
+test: setup
+	$(VPY) -m pytest tests
+
+bench: setup
+	$(VPY) benchmarks/bench_ridge.py
+
+weights: setup
+	$(VPY) -m models.weights --weights-dir $${WEIGHTS_DIR:-weights}
+
+download-nsd: setup
+	$(VPY) -m prepare_data.download_nsd --dest $${NSD_DIR:-raw/nsd} --subjects 1 2 5 7 --sessions 37
+
+clean-demo:
+	rm -rf demo_output

@@ -1,0 +1,297 @@
+"""Typed configuration: defaults here, TOML files for what differs, flags for one-off overrides.
+
+Defaults reproduce Brain-Diffuser exactly (../shared/spec/method.md). A config file holds only the
+sections and keys it changes; ``--set section.key=value`` overrides any field. Unknown keys and
+wrong types are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"  # common format lives in <data_dir>/<dataset>/sub<subject>/
+    results_dir: str = "results"  # every step after prepare writes under <results_dir>/<dataset>/...
+    weights_dir: str = "weights"  # real model weights (`make weights`)
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "nsd"
+    subjects: list[str] = field(default_factory=lambda: ["1", "2", "5", "7"])
+    variant: str = "base"  # a named training-set variant (experiments); 'base' = unchanged
+    device: str = "auto"  # 'auto' → cuda if available else cpu; or 'cpu', 'cuda', 'cuda:1'
+    seed: int = 0
+    tiny_models: bool = False  # tiny random networks (demo, tests) instead of real weights
+
+
+@dataclass
+class ModelsConfig:
+    """Weight locations, relative to ``paths.weights_dir`` unless absolute."""
+
+    vdvae: str = "vdvae/imagenet64-iter-1600000-model-ema.th"
+    clip: str = "clip-vit-large-patch14"
+    versatile: str = "versatile-diffusion"
+
+
+@dataclass
+class NSDConfig:
+    raw_dir: str = "raw/nsd"  # a local mirror of the NSD bucket layout
+    n_sessions: int = 37  # 37 reproduces 8,859 train / 982 test; 40 gives the 1,000-image test set
+    captions: str = ""  # optional curated (73000, n) caption .npy; default: COCO annotation JSONs
+
+
+@dataclass
+class DeepreconConfig:
+    raw_dir: str = "raw/deeprecon"
+    file_pattern: str = "{subject}_{session}_volume_native.h5"
+    session_train: str = "ImageNetTraining"
+    session_test: str = "ImageNetTest"
+    session_art: str = "ArtificialShapes"
+    roi: str = "ROI_VC"
+    label_key: str = "stimulus_name"
+    image_dir: str = ""
+    captions: str = ""  # CSV/TSV image name → captions (human captions are not public)
+    image_size: int = 0  # 0 = keep the images' own size
+
+
+@dataclass
+class ThingsConfig:
+    raw_dir: str = "raw/things"
+    rois: list[str] = field(default_factory=list)  # empty = the module's default visual ROIs
+    image_dir: str = ""
+    captions: str = ""
+    source: str = "auto"  # 'auto' | 'tsv' | 'bdata'
+
+
+@dataclass
+class SyntheticConfig:
+    """The bundled demo dataset: coloured shapes whose fMRI is a noisy linear read-out of the image."""
+
+    n_train: int = 96
+    n_test: int = 8
+    n_voxels: int = 256
+    image_size: int = 64
+    noise: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class FeaturesConfig:
+    vdvae_groups: int = 31  # first 31 of 75 decoder groups → 91,168 dims
+    vdvae_batch_size: int = 30
+    clip_batch_size: int = 16
+    seed: int = 0  # posterior sampling of the VDVAE latents
+
+
+@dataclass
+class RidgeConfig:
+    fmri_scale: float = 300.0  # NSD betas are percent signal change × 300
+    alpha_vdvae: float = 5e4
+    alpha_cliptext: float = 1e5
+    alpha_clipvision: float = 6e4
+    rescale: bool = True  # transductive re-standardisation of test predictions (method.md §4.3)
+    max_memory_gb: float = 8.0
+    cv: bool = False  # cross-validate alpha per target group instead of the reference alphas
+    cv_alphas: list[float] = field(default_factory=lambda: [1e3, 1e4, 3e4, 5e4, 1e5, 3e5, 1e6])
+    save_weights: bool = False
+    weights_dtype: str = "float32"
+
+
+@dataclass
+class VDVAEInitConfig:
+    seed: int = 0  # per-image prior sampling seeds are seed + image index
+    batch_size: int = 30
+    output_size: int = 512  # bicubic upsampling of the 64×64 decoding
+
+
+@dataclass
+class VersatileConfig:
+    strength: float = 0.75  # noise at step int(0.75·50) = 37 of 50
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    mix_text: float = 0.4  # text share of the dual attention; vision gets 1 − mix_text = 0.6
+    reference_offset: bool = True  # BD noises at t=741 and starts denoising at t=721
+    reference_rng: bool = False  # one sequential torch.manual_seed stream, as the reference
+    seed: int = 0
+    batch_size: int = 4
+    fp16: bool = True  # on CUDA only
+    use_vdvae_init: bool = True  # False = random init latent ("w/o VDVAE" ablation)
+    use_clip_text: bool = True  # False = unconditional text ("w/o CLIP-Text")
+    use_clip_vision: bool = True  # False = unconditional vision ("w/o CLIP-Vision")
+    text_features: str = "predicted"  # 'predicted' | 'true' (usetruecliptext) | 'shuffled' (badshuffle)
+
+
+@dataclass
+class EvaluateConfig:
+    profile: str = "braindiffuser"  # 'braindiffuser' | 'mindeye'
+    batch_size: int = 16
+    images: list[str] = field(default_factory=lambda: ["versatile", "vdvae"])
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    nsd: NSDConfig = field(default_factory=NSDConfig)
+    deeprecon: DeepreconConfig = field(default_factory=DeepreconConfig)
+    things: ThingsConfig = field(default_factory=ThingsConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    ridge: RidgeConfig = field(default_factory=RidgeConfig)
+    vdvae_init: VDVAEInitConfig = field(default_factory=VDVAEInitConfig)
+    versatile: VersatileConfig = field(default_factory=VersatileConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, sections: typing.Iterable[str] | None = None) -> str:
+        """A short hash of the chosen sections (all when None), for completion records."""
+        full = self.to_dict()
+        part = full if sections is None else {s: full[s] for s in sections}
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolve_path(self, value: str, base: str | None = None) -> Path:
+        """Expand ``~``; relative paths are taken relative to ``base`` (a paths field) or the CWD."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or base is None:
+            return p
+        return Path(getattr(self.paths, base)).expanduser() / p
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value to the field's annotated type; the error names the key."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):  # from --set: comma-separated
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"config key {key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key {key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key {key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key {key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key {key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` mapping onto ``cfg`` in place."""
+    sections = _section_types(Config)
+    for section, values in mapping.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown section [{section}]; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: [{section}] must be a table of keys")
+        target = getattr(cfg, section)
+        fields = _section_types(type(target))
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(
+                    f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}"
+                )
+            setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML ({exc})") from None
+
+
+def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults ← each TOML file in order ← ``section.key=value`` overrides."""
+    cfg = Config()
+    for path in paths:
+        data = load_toml(path)
+        data.pop("include", None)
+        apply_mapping(cfg, data, source=str(path))
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        apply_mapping(cfg, {section: {key: value}}, source="--set")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a saved record)."""
+    return apply_mapping(Config(), data, source="record")
+
+
+def to_toml(cfg: Config) -> str:
+    """Render the resolved config as TOML (strings, numbers, booleans and lists only)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+

@@ -1,0 +1,207 @@
+"""The step runner: a numbered registry of steps, complete-or-absent outputs, skip on rerun.
+
+A step is a module with ``run(ctx)`` (does the work, writes atomically), ``outputs(ctx)`` (the files
+that must exist when it is complete) and ``inputs(ctx)`` (files whose content it depends on). After a
+successful run the runner writes ``<step>.done.json`` with the config digest of the sections the
+step reads, input digests and versions. A rerun skips a step whose outputs exist and whose record
+still matches; ``--force`` redoes it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline import io
+from pipeline.config import Config, to_toml
+from pipeline.errors import UserError
+from pipeline.layout import Layout
+from pipeline.provenance import file_digest, versions
+
+log = logging.getLogger("recon")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One entry of the registry: a name, the module holding run/outputs/inputs, config sections."""
+
+    name: str
+    module: str
+    sections: tuple[str, ...]
+    help: str
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+STEPS: tuple[StepSpec, ...] = (
+    StepSpec("prepare", "prepare_data.prepare", ("run.dataset", "nsd", "deeprecon", "things", "synthetic"),
+             "raw dataset → common format"),
+    StepSpec("features", "regression.extract_features", ("models", "features", "run.tiny_models"),
+             "VDVAE latents and CLIP-text/vision embeddings of train/test images"),
+    StepSpec("ridge", "regression.ridge_step", ("ridge",), "fMRI → features ridge, predictions on the test set"),
+    StepSpec("vdvae_init", "reconstruct.vdvae_init", ("models", "vdvae_init", "features.vdvae_groups", "run.tiny_models"),
+             "decode predicted VDVAE latents → 64×64 init images (512 px PNG)"),
+    StepSpec("versatile", "reconstruct.versatile", ("models", "versatile", "run.tiny_models"),
+             "Versatile Diffusion img2img from init images and predicted CLIP embeddings"),
+    StepSpec("evaluate", "evaluation.quantitative_eval", ("evaluate", "run.tiny_models"),
+             "8 metrics + decoder metrics, CSV/JSON tables and plots"),
+)
+STEP_NAMES = tuple(s.name for s in STEPS)
+
+
+def step_spec(name: str) -> StepSpec:
+    for spec in STEPS:
+        if spec.name == name:
+            return spec
+    raise UserError(f"unknown step {name!r}; steps are: {', '.join(STEP_NAMES)}")
+
+
+@dataclass
+class Context:
+    """What a step gets: the config, where to read/write, the device, whether to redo."""
+
+    cfg: Config
+    layout: Layout
+    device: str = "cpu"
+    force: bool = False
+    progress: bool = True
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        return self.layout.subject
+
+    @property
+    def variant(self) -> str:
+        return self.layout.variant
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when available else 'cpu'; an unavailable GPU is a clear error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but PyTorch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+def _section_digest(cfg: Config, sections: tuple[str, ...]) -> str:
+    import hashlib
+    import json
+
+    full = cfg.to_dict()
+    picked = {}
+    for sec in sections:
+        if "." in sec:
+            a, b = sec.split(".", 1)
+            picked[sec] = full[a][b]
+        else:
+            picked[sec] = full[sec]
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _input_digests(paths: list[Path]) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            out[str(p)] = file_digest(p)
+        elif p.is_dir():
+            out[str(p)] = f"dir:{len(list(p.iterdir()))}"
+        else:
+            out[str(p)] = "missing"
+    return out
+
+
+def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
+    """(complete?, reason) — outputs all present and the record matches config and inputs."""
+    mod = spec.load()
+    record_path = ctx.layout.record(spec.name)
+    if not record_path.is_file():
+        return False, "not run yet"
+    missing = [p for p in mod.outputs(ctx) if not Path(p).exists()]
+    if missing:
+        return False, f"missing output {missing[0]}"
+    try:
+        record = io.load_json(record_path)
+    except UserError:
+        return False, "unreadable completion record"
+    if record.get("config_digest") != _section_digest(ctx.cfg, spec.sections):
+        return False, "configuration changed"
+    if record.get("inputs") != _input_digests(list(mod.inputs(ctx))):
+        return False, "inputs changed"
+    return True, "complete"
+
+
+def run_step(spec: StepSpec, ctx: Context) -> bool:
+    """Run one step unless complete; returns True when it ran."""
+    mod = spec.load()
+    where = f"sub{ctx.subject}/{ctx.variant}"
+    if not ctx.force:
+        done, reason = is_complete(spec, ctx)
+        if done:
+            log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
+            return False
+    else:
+        reason = "--force"
+    record_path = ctx.layout.record(spec.name)
+    if record_path.exists():
+        record_path.unlink()  # a half-redone step must not look complete
+    log.info("[%s] %s: start (%s)", spec.name, where, reason)
+    t0 = time.perf_counter()
+    mod.run(ctx)
+    elapsed = time.perf_counter() - t0
+    missing = [p for p in mod.outputs(ctx) if not Path(p).exists()]
+    if missing:
+        raise RuntimeError(f"step {spec.name} finished without writing {missing[0]}")
+    record = {
+        "step": spec.name,
+        "subject": ctx.subject,
+        "variant": ctx.variant,
+        "config_digest": _section_digest(ctx.cfg, spec.sections),
+        "inputs": _input_digests(list(mod.inputs(ctx))),
+        "outputs": [str(p) for p in mod.outputs(ctx)],
+        "seconds": round(elapsed, 3),
+        "device": ctx.device,
+        "versions": versions(),
+        "config": ctx.cfg.to_dict(),
+    }
+    out_dir = record_path.parent
+    io.save_text(out_dir / "config.toml", to_toml(ctx.cfg))
+    io.save_json(record_path, record)
+    log.info("[%s] %s: done in %.1f s", spec.name, where, elapsed)
+    return True
+
+
+def select_steps(only: list[str] | None = None, start: str | None = None) -> list[StepSpec]:
+    if only:
+        return [step_spec(n) for n in only]
+    if start:
+        idx = STEP_NAMES.index(step_spec(start).name)
+        return list(STEPS[idx:])
+    return list(STEPS)
+
+
+def list_steps() -> str:
+    return "\n".join(f"{i + 1}. {s.name:<11} {s.help}" for i, s in enumerate(STEPS))
+
+
+def run_pipeline(cfg: Config, steps: list[StepSpec], subjects: list[str], device: str, force: bool = False,
+                 variant: str | None = None, progress: bool = True,
+                 on_step: Callable[[StepSpec, Context], None] | None = None) -> None:
+    """Run the selected steps for every subject, in order."""
+    device = resolve_device(device)
+    variant = variant or cfg.run.variant
+    for subject in subjects:
+        for spec in steps:
+            layout = Layout(cfg, str(subject), "base" if spec.name == "prepare" else variant)
+            ctx = Context(cfg=cfg, layout=layout, device=device, force=force, progress=progress)
+            run_step(spec, ctx)
+            if on_step:
+                on_step(spec, ctx)
