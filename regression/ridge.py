@@ -1,0 +1,456 @@
+"""fMRI -> feature ridge regression, every target group solved from ONE decomposition of X.
+
+Brain-Diffuser (method.md §4) fits scikit-learn ``Ridge(alpha, fit_intercept=True)`` once for the
+VDVAE latents (alpha 5e4) and once *per token* for CLIP-text (77 fits, alpha 1e5) and CLIP-vision
+(257 fits, alpha 6e4), all on the same X.  Since alpha and X are shared inside a group, a per-token
+loop equals one multi-output fit, and every group needs only the eigendecomposition of the centred
+Gram matrix.  This module computes that decomposition once and streams the targets through it.
+
+Notation (C = centred by the training mean, λ the eigenvalues, both regimes share one formula)::
+
+    dual   (n <= p):  K = Xc Xcᵀ = U diag(λ) Uᵀ        F = Xcᵀ U  (p, n),  B = U       (n, n)
+    primal (n >  p):  Xcᵀ Xc   = V diag(λ) Vᵀ        F = V      (p, p),  B = Xc V    (n, p)
+    prediction:       Ŷt = (Xt − x̄) F diag(1/(λ+α)) Bᵀ (Y − ȳ) + ȳ
+
+so a test prediction is ``M_α @ Yc`` with ``M_α = (Xt − x̄) F diag(1/(λ+α)) Bᵀ`` of shape
+(n_test, n_train): the primal weights (p × n_targets, 5.7 GB for NSD VDVAE) are never formed and
+each target column is read once.  This is why ``fit`` only decomposes X and keeps *references* to
+the target arrays; ``predict`` does the single chunked pass over them.
+
+himalaya (the field's ridge library) was the first choice, but its ``solve_kernel_ridge_eigenvalues``
+re-runs ``eigh`` on every call and allocates the full (n, n_targets) dual weights, which defeats
+both the reuse across groups/alphas and the memory budget; the same closed form is written here
+in plain torch and checked against himalaya and scikit-learn in ``tests/test_ridge.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import struct
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+
+FMRI_SCALE = 300.0  # NSD betas are stored as percent signal change × 300 (method.md §1.1)
+
+_SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32",
+                       np.dtype(np.float64): "F64"}
+
+
+# --------------------------------------------------------------------------- fMRI normalisation
+
+def normalise_fmri(train: np.ndarray, test: np.ndarray, scale: float = FMRI_SCALE,
+                   dtype=np.float64) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Divide by ``scale`` and z-score each voxel with the TRAINING mean and std (ddof=1).
+
+    train: (n_train, n_voxel), test: (n_test, n_voxel) -> same shapes in ``dtype``, plus
+    ``stats = {"scale", "mean" (n_voxel,), "std" (n_voxel,), "constant_voxels" (k,) int}``.
+    ``mean``/``std`` are of the scaled training data; the test set reuses them (method.md §4.1).
+
+    Zero-variance guard: a voxel that is constant over the training set (the reference would divide
+    by 0 and produce NaN) gets std 1, so its training column is exactly 0 after centring and the
+    ridge ignores it (its weight is 0 in both the dual and primal solution).  Its indices are
+    reported in ``stats["constant_voxels"]`` for the caller to log.
+    """
+    train = _check_matrix(train, "training fMRI")
+    test = _check_matrix(test, "test fMRI")
+    if test.shape[1] != train.shape[1]:
+        raise UserError(f"test fMRI has {test.shape[1]} voxels but training fMRI has "
+                        f"{train.shape[1]}: both must use the same voxel mask")
+    if train.shape[0] < 2:
+        raise UserError(f"training fMRI has {train.shape[0]} row(s): need >= 2 for a ddof=1 std")
+    if not scale > 0:
+        raise UserError(f"fMRI scale must be > 0, got {scale}")
+    tr = np.asarray(train, dtype=np.float64) / scale
+    mean = tr.mean(axis=0)
+    std = tr.std(axis=0, ddof=1)
+    constant = np.ptp(tr, axis=0) == 0
+    std[constant] = 1.0
+    tr -= mean
+    tr /= std
+    te = (np.asarray(test, dtype=np.float64) / scale - mean) / std
+    stats = {"scale": float(scale), "mean": mean, "std": std,
+             "constant_voxels": np.flatnonzero(constant)}
+    return tr.astype(dtype, copy=False), te.astype(dtype, copy=False), stats
+
+
+# --------------------------------------------------------------------------- rescaling
+
+def rescale_predictions(pred: np.ndarray, train_mean: np.ndarray, train_std: np.ndarray) -> np.ndarray:
+    """Brain-Diffuser's post-hoc rescaling (method.md §4.3); TRANSDUCTIVE (uses all test rows).
+
+    pred: (n_test, d); train_mean/train_std: (d,) of the training targets (std with ddof=0).
+    Per column: z-score over the test rows (mean, ``np.std`` ddof=0), then ``* train_std + train_mean``.
+    A column whose predictions are constant (std 0; the reference gives NaN) becomes ``train_mean``.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    mu = pred.mean(axis=0)
+    sd = pred.std(axis=0)
+    ok = sd > 0
+    z = np.zeros_like(pred)
+    np.divide(pred - mu, sd, out=z, where=ok[None, :])
+    return z * np.asarray(train_std, np.float64) + np.asarray(train_mean, np.float64)
+
+
+def _rescale_torch(pred: torch.Tensor, train_mean: torch.Tensor, train_std: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`rescale_predictions` on a (n_test, c) device tensor."""
+    mu = pred.mean(dim=0)
+    sd = pred.std(dim=0, correction=0)
+    z = torch.where(sd > 0, (pred - mu) / torch.where(sd > 0, sd, torch.ones_like(sd)),
+                    torch.zeros_like(pred))
+    return z * train_std + train_mean
+
+
+# --------------------------------------------------------------------------- estimator
+
+class MultiTargetRidge:
+    """Ridge with an unpenalised intercept for several target groups sharing one X.
+
+    Equals ``sklearn.linear_model.Ridge(alpha=alphas[g], fit_intercept=True)`` fitted on each group
+    (or on each token of it: same alpha and X make that the same fit), in both the n <= p (dual) and
+    n > p (primal) regimes.
+
+    Parameters
+    ----------
+    alphas : {group: alpha} or one float for all groups (may be None when ``cv_alphas`` is given).
+    device, dtype : where and in which precision the linear algebra runs (float64 matches sklearn
+        to ~1e-12; float32 on a GPU is faster but the eigendecomposition loses digits).
+    max_memory_gb : budget for the per-chunk working memory of the pass over target columns
+        (target chunk copies, device buffers, outputs of one chunk).  The decomposition itself
+        (x̄, λ, F, B: about (n + p)·min(n, p) numbers) and the returned predictions are extra.
+    rescale : apply Brain-Diffuser's transductive post-hoc rescaling (:func:`rescale_predictions`)
+        in :meth:`predict`.  The statistics of the training targets are computed in the same
+        chunked pass that predicts, so each target column is read once.
+    cv_alphas : None (default, use ``alphas``), a list of candidate alphas for every group, or
+        {group: list}.  The alpha minimising the exact leave-one-out squared error (summed over all
+        targets of the group, intercept refitted per fold — the same criterion as
+        ``sklearn.linear_model.RidgeCV(alpha_per_target=False)``) is chosen per group in ``fit``,
+        from the same eigendecomposition.  Costs one extra pass over the targets with
+        O(n · min(n, p)) work per target column and candidate alpha.
+    progress : show tqdm bars over chunks.
+
+    Attributes after ``fit``
+    ------------------------
+    alphas_ : {group: float} alphas in use; cv_scores_ : {group: (n_cv,) mean LOO MSE} (CV only);
+    solver_ : "dual" | "primal"; x_mean_ : (p,); eigvals_ : (r,); feature_basis_ : (p, r) F;
+    sample_basis_ : (n, r) B; targets_ : {group: (n, T) view of the caller's array, NOT a copy —
+    do not modify the target arrays between ``fit`` and ``predict``}; target_shapes_ :
+    {group: trailing shape}; n_samples_, n_features_in_.
+    """
+
+    def __init__(self, alphas: Mapping[str, float] | float | None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float64, max_memory_gb: float = 8.0, rescale: bool = True,
+                 cv_alphas: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+                 progress: bool = True):
+        self.alphas = alphas
+        self.device = device
+        self.dtype = dtype
+        self.max_memory_gb = max_memory_gb
+        self.rescale = rescale
+        self.cv_alphas = cv_alphas
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: np.ndarray, targets: Mapping[str, np.ndarray]) -> "MultiTargetRidge":
+        """Decompose X once; keep references to the targets (no pass over them unless CV is on).
+
+        X: (n, p) normalised fMRI.  targets: {group: array (n, ...)}, np.memmap welcome.
+        """
+        device, dtype = self._check_params()
+        X = _check_matrix(X, "X")
+        n, p = X.shape
+        self.targets_, self.target_shapes_ = _check_targets(targets, n)
+        alphas = self._resolve_alphas(list(self.targets_))
+
+        Xc = torch.tensor(np.asarray(X), device=device, dtype=dtype)  # a copy: centred in place
+        x_mean = Xc.mean(dim=0)
+        Xc -= x_mean
+        if n <= p:  # kernel form: eigh of the n × n Gram matrix
+            lam, U = torch.linalg.eigh(Xc @ Xc.T)
+            feature_basis, sample_basis, self.solver_ = Xc.T @ U, U, "dual"
+        else:  # primal form: eigh of the p × p covariance, same prediction formula
+            lam, V = torch.linalg.eigh(Xc.T @ Xc)
+            feature_basis, sample_basis, self.solver_ = V, Xc @ V, "primal"
+        del Xc
+        # K is PSD; round-off can make the smallest eigenvalues slightly negative.
+        self.eigvals_ = lam.clamp_(min=0)
+        self.x_mean_, self.feature_basis_, self.sample_basis_ = x_mean, feature_basis, sample_basis
+        self.n_samples_, self.n_features_in_ = n, p
+        self.device_, self.dtype_ = device, dtype
+
+        if self.cv_alphas is None:
+            self.alphas_ = alphas
+        else:
+            self.alphas_, self.cv_scores_ = {}, {}
+            for name in self.targets_:
+                grid = self._cv_grid(name)
+                scores = self._loo_scores(name, grid)
+                self.cv_scores_[name] = scores
+                self.alphas_[name] = float(grid[int(np.argmin(scores))])
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, X_test: np.ndarray) -> dict[str, np.ndarray]:
+        """Predict every group: {group: float32 (n_test, *trailing shape)}.
+
+        One chunked pass over each group's target columns: centre, ``M_α @ Yc + ȳ``, optional
+        rescaling with the training mean/std of the same chunk.
+        """
+        self._check_fitted()
+        Xt = _check_matrix(X_test, "X_test")
+        if Xt.shape[1] != self.n_features_in_:
+            raise UserError(f"X_test has {Xt.shape[1]} voxels but the model was fitted on "
+                            f"{self.n_features_in_}")
+        dev, dt = self.device_, self.dtype_
+        proj = (torch.as_tensor(np.asarray(Xt), device=dev).to(dt) - self.x_mean_) @ self.feature_basis_
+        operators: dict[float, torch.Tensor] = {}  # one (n_test, n) operator per distinct alpha
+        out = {}
+        n_test = Xt.shape[0]
+        for name, Y in self.targets_.items():
+            alpha = self.alphas_[name]
+            if alpha not in operators:
+                operators[alpha] = (proj / (self.eigvals_ + alpha)) @ self.sample_basis_.T
+            op = operators[alpha]
+            pred = np.empty((n_test, Y.shape[1]), dtype=np.float32)
+            el = _itemsize(dt)
+            per_col = self.n_samples_ * (Y.dtype.itemsize + el) + n_test * (3 * el + 4)
+            for sl, Yc, y_mean, y_std in self._iter_centred(name, per_col, "predict"):
+                chunk = op @ Yc + y_mean
+                if self.rescale:
+                    chunk = _rescale_torch(chunk, y_mean, y_std)
+                pred[:, sl] = chunk.to(torch.float32).cpu().numpy()
+            out[name] = pred.reshape((n_test,) + self.target_shapes_[name])
+        return out
+
+    def fit_predict(self, X: np.ndarray, targets: Mapping[str, np.ndarray],
+                    X_test: np.ndarray) -> dict[str, np.ndarray]:
+        """``fit(X, targets).predict(X_test)``: one decomposition, one pass over the targets."""
+        return self.fit(X, targets).predict(X_test)
+
+    # ------------------------------------------------------------------ primal weights (on request)
+    def coef(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Primal weights of one group, sklearn layout: weight (*trailing, p), intercept (*trailing,).
+
+        Applies to normalised X; predictions ``X @ weight.T + intercept`` are *before* rescaling.
+        Held in memory as float32 — for huge groups use :meth:`save_weights`.
+        """
+        self._check_fitted()
+        self._check_name(name)
+        T = self.targets_[name].shape[1]
+        weight = np.empty((T, self.n_features_in_), np.float32)
+        intercept = np.empty(T, np.float32)
+        for sl, w, b in self._iter_coef(name):
+            weight[sl] = w.to(torch.float32).cpu().numpy()
+            intercept[sl] = b.to(torch.float32).cpu().numpy()
+        shape = self.target_shapes_[name]
+        return weight.reshape(shape + (self.n_features_in_,)), intercept.reshape(shape)
+
+    def save_weights(self, path: str | Path, dtype=np.float32, names: Sequence[str] | None = None) -> Path:
+        """Stream the primal weights of ``names`` (default all) into one safetensors file.
+
+        Tensors ``<group>.weight`` (*trailing, p) and ``<group>.bias`` (*trailing,), written chunk by
+        chunk (the file format is written directly so a 12 GB weight never sits in memory).
+        Metadata holds the alphas and the note that rescaling is not part of the weights.
+        """
+        self._check_fitted()
+        dtype = np.dtype(dtype)
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise UserError(f"save_weights: dtype must be float16/32/64, got {dtype}")
+        names = list(self.targets_) if names is None else list(names)
+        for name in names:
+            self._check_name(name)
+        header, offset = {}, 0
+        for name in names:
+            shape = self.target_shapes_[name]
+            T = self.targets_[name].shape[1]
+            for key, shp, size in ((f"{name}.weight", shape + (self.n_features_in_,), T * self.n_features_in_),
+                                   (f"{name}.bias", shape, T)):
+                nbytes = size * dtype.itemsize
+                header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shp),
+                               "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+        header["__metadata__"] = {
+            "alphas": json.dumps({k: self.alphas_[k] for k in names}), "solver": self.solver_,
+            "note": "weights for normalised fMRI (normalise_fmri); post-hoc rescaling not included"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for name in names:
+                bias = np.empty(self.targets_[name].shape[1], dtype)
+                for sl, w, b in self._iter_coef(name):
+                    fh.write(np.ascontiguousarray(w.cpu().numpy(), dtype=dtype).tobytes())
+                    bias[sl] = b.cpu().numpy()
+                fh.write(bias.tobytes())
+        return Path(path)
+
+    # ------------------------------------------------------------------ internals
+    def _check_params(self) -> tuple[torch.device, torch.dtype]:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise UserError(f"MultiTargetRidge: invalid device {self.device!r} ({exc})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"MultiTargetRidge: device={self.device!r} but no CUDA GPU is available")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise UserError(f"MultiTargetRidge: dtype must be torch.float32 or float64, got {self.dtype}")
+        if not (isinstance(self.max_memory_gb, numbers.Real) and self.max_memory_gb > 0):
+            raise UserError(f"MultiTargetRidge: max_memory_gb must be > 0, got {self.max_memory_gb!r}")
+        if self.alphas is None and self.cv_alphas is None:
+            raise UserError("MultiTargetRidge: give alphas or cv_alphas")
+        return device, self.dtype
+
+    def _resolve_alphas(self, names: list[str]) -> dict[str, float]:
+        if self.alphas is None:
+            return {}
+        if isinstance(self.alphas, Mapping):
+            missing = sorted(set(names) - set(self.alphas))
+            extra = sorted(set(self.alphas) - set(names))
+            if missing or extra:
+                raise UserError(f"ridge alphas: keys {sorted(self.alphas)} do not match the target "
+                                f"groups {names} (missing {missing}, unknown {extra})")
+            alphas = {k: self.alphas[k] for k in names}
+        else:
+            alphas = {k: self.alphas for k in names}
+        for k, a in alphas.items():
+            _check_alpha(a, f"ridge alpha for '{k}'")
+        return {k: float(a) for k, a in alphas.items()}
+
+    def _cv_grid(self, name: str) -> np.ndarray:
+        grid = self.cv_alphas[name] if isinstance(self.cv_alphas, Mapping) else self.cv_alphas
+        if isinstance(self.cv_alphas, Mapping) and name not in self.cv_alphas:
+            raise UserError(f"cv_alphas has no entry for target group '{name}'")
+        grid = np.atleast_1d(np.asarray(grid, dtype=np.float64))
+        if grid.ndim != 1 or grid.size == 0:
+            raise UserError(f"cv_alphas for '{name}' must be a non-empty list of floats")
+        for a in grid:
+            _check_alpha(a, f"cv alpha for '{name}'")
+        return grid
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "eigvals_"):
+            raise RuntimeError("MultiTargetRidge is not fitted yet: call fit(X, targets) first")
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.targets_:
+            raise UserError(f"unknown target group '{name}' (fitted: {sorted(self.targets_)})")
+
+    def _chunk_size(self, per_col_bytes: float, n_cols: int) -> int:
+        return int(max(1, min(n_cols, self.max_memory_gb * 2**30 // max(per_col_bytes, 1))))
+
+    def _iter_centred(self, name: str, per_col: float, what: str
+                      ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (columns, Yc (n, c), ȳ (c,), std ddof=0 (c,)) on the device, one chunk at a time."""
+        Y = self.targets_[name]
+        T = Y.shape[1]
+        c = self._chunk_size(per_col, T)
+        starts = range(0, T, c)
+        for s in tqdm(starts, desc=f"ridge {what} {name}", unit="chunk", leave=False,
+                      disable=not self.progress or len(starts) == 1):
+            sl = slice(s, min(s + c, T))
+            block = np.asarray(Y[:, sl])
+            if not np.isfinite(block).all():
+                raise UserError(f"target '{name}': NaN or inf in columns {sl.start}..{sl.stop - 1} "
+                                f"of the flattened target")
+            # torch.tensor always copies: centring in place must never touch the caller's array
+            Yc = torch.tensor(block, device=self.device_, dtype=self.dtype_)
+            del block
+            y_mean = Yc.mean(dim=0)
+            Yc -= y_mean
+            y_std = Yc.square().mean(dim=0).sqrt_()
+            yield sl, Yc, y_mean, y_std
+
+    def _iter_coef(self, name: str) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield (rows, W chunk (c, p), intercept chunk (c,)): W = (F diag(1/(λ+α)) Bᵀ Yc)ᵀ."""
+        Y = self.targets_[name]
+        el = _itemsize(self.dtype_)
+        n, p, r = self.n_samples_, self.n_features_in_, self.eigvals_.numel()
+        per_col = n * (Y.dtype.itemsize + el) + r * el + p * (el + 8)
+        inv = 1.0 / (self.eigvals_ + self.alphas_[name])
+        for sl, Yc, y_mean, _ in self._iter_centred(name, per_col, "weights"):
+            w = (self.feature_basis_ @ (inv[:, None] * (self.sample_basis_.T @ Yc))).T
+            yield sl, w, y_mean - w @ self.x_mean_
+
+    def _loo_scores(self, name: str, grid: np.ndarray) -> np.ndarray:
+        """Mean squared leave-one-out error of the group for each alpha in ``grid``.
+
+        With hat matrix H = 11ᵀ/n + E diag(1/(λ+α)) Bᵀ (E = Xc F, i.e. B·diag(λ) in the dual form and
+        B in the primal form), the LOO residual is (Y − HY)_i / (1 − H_ii) — exact for penalised
+        least squares with an unpenalised intercept.
+        """
+        lam, B = self.eigvals_, self.sample_basis_
+        E = B * lam if self.solver_ == "dual" else B
+        EB = E * B  # (n, r); diag(H) = 1/n + EB @ (1/(λ+α))
+        n, r = B.shape
+        el = _itemsize(self.dtype_)
+        per_col = n * (self.targets_[name].dtype.itemsize + 3 * el) + r * el * 2
+        sse = np.zeros(len(grid))
+        for _, Yc, _, _ in self._iter_centred(name, per_col, "cv"):
+            G = B.T @ Yc
+            for i, alpha in enumerate(grid):
+                inv = 1.0 / (lam + alpha)
+                h = 1.0 / n + EB @ inv
+                resid = (Yc - E @ (inv[:, None] * G)) / (1.0 - h)[:, None]
+                sse[i] += float(resid.square().sum())
+        return sse / (n * self.targets_[name].shape[1])
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+def _check_matrix(a, what: str) -> np.ndarray:
+    """A finite 2-D numeric array (no copy for ndarrays)."""
+    if not hasattr(a, "shape"):
+        a = np.asarray(a)
+    if a.ndim != 2:
+        raise UserError(f"{what}: expected a 2-D array (n_samples, n_voxels), got shape {tuple(a.shape)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise UserError(f"{what}: empty array of shape {tuple(a.shape)}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise UserError(f"{what}: expected a numeric array, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(np.asarray(a)))[0]
+        raise UserError(f"{what}: contains NaN or inf (first at row {bad[0]}, column {bad[1]})")
+    return a
+
+
+def _check_targets(targets: Mapping[str, np.ndarray], n: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """{group: (n, ...)} -> ({group: (n, T) view}, {group: trailing shape}); never copies memmaps."""
+    if not isinstance(targets, Mapping) or not targets:
+        raise UserError("ridge targets: expected a non-empty dict {group name: array (n_samples, ...)}")
+    views, shapes = {}, {}
+    for name, Y in targets.items():
+        if not isinstance(name, str) or not name or "." in name:
+            raise UserError(f"ridge targets: group names must be non-empty strings without '.', got {name!r}")
+        if not hasattr(Y, "shape"):
+            Y = np.asarray(Y)
+        if Y.ndim < 1 or Y.shape[0] != n:
+            raise UserError(f"target '{name}': has {Y.shape[0] if Y.ndim else 0} rows (shape "
+                            f"{tuple(Y.shape)}) but X has {n}: rows must be the same images in the same order")
+        if not (np.issubdtype(Y.dtype, np.floating) or np.issubdtype(Y.dtype, np.integer)):
+            raise UserError(f"target '{name}': expected a numeric array, got dtype {Y.dtype}")
+        trailing = tuple(Y.shape[1:])
+        T = math.prod(trailing)
+        if T == 0:
+            raise UserError(f"target '{name}': empty feature shape {trailing}")
+        # a C-contiguous array (np.load / memmap) reshapes to a view; anything else is copied once
+        views[name] = Y.reshape(n, T)
+        shapes[name] = trailing
+    return views, shapes
+
+
+def _check_alpha(a, what: str) -> None:
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (math.isfinite(a) and a > 0):
+        raise UserError(f"{what} must be a finite number > 0, got {a!r}")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
