@@ -91,7 +91,7 @@ def validate_split(data: SplitData, where: str | os.PathLike = "") -> None:
         arr = getattr(data, part)
         if arr is None:
             continue
-        label = where / part if str(where) else Path(part)
+        label = where if where.suffix == ".npy" else (where / part if str(where) else Path(part))
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:

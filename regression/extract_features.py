@@ -1,0 +1,129 @@
+"""Step 2, ``features``: the regression targets of every training and test image.
+
+* ``vdvae``: posterior samples of the first ``features.vdvae_groups`` VDVAE groups (91,168-d).
+* ``cliptext``: CLIP-text 77×768, averaged over an image's non-empty captions.
+* ``clipvision``: CLIP-vision 257×768.
+
+Written as float32 ``.npy`` files filled chunk by chunk (NSD CLIP-vision train is 7 GB). For a
+training-set variant only the targets the variant changes are extracted; everything else is
+reused from the base run (rows selected later by the ridge step).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from models import load as load_models
+from pipeline import io
+from pipeline.cli import step_main
+from pipeline.common_format import read_split
+from pipeline.layout import TARGETS
+from pipeline.variant import load_variant, variant_files
+
+log = logging.getLogger("recon")
+CHUNK = 256  # images per CLIP chunk written to disk
+TEST_SEED_OFFSET = 1_000_000  # test images draw VDVAE posterior noise from their own seed range
+
+
+def _vdvae_features(model, stim, n_groups, batch_size, seed, path, progress):
+    from models.vdvae import extract_latents, latent_dim
+
+    dim = latent_dim(model.config, n_groups)
+    with io.atomic_memmap(path, (len(stim), dim), np.float32) as out:
+        extract_latents(model, stim, n_groups=n_groups, batch_size=batch_size, seed=seed, out=out,
+                        progress=progress)
+
+
+def _clip_features(encode, items, path, desc, progress):
+    """Encode ``items`` chunk by chunk into a float32 memmap at ``path``."""
+    first = encode(items[:1])
+    shape = (len(items),) + tuple(first.shape[1:])
+    with io.atomic_memmap(path, shape, np.float32) as out:
+        for start in tqdm(range(0, len(items), CHUNK), desc=desc, disable=not progress or len(items) <= CHUNK,
+                          unit="chunk"):
+            stop = min(start + CHUNK, len(items))
+            out[start:stop] = encode(items[start:stop])
+
+
+def _warn_missing_captions(cap: np.ndarray, split: str) -> None:
+    empty = int((np.char.str_len(cap) == 0).all(axis=1).sum())
+    if empty:
+        log.warning("[features] %d %s images have no caption; their CLIP-text target is the empty-text "
+                    "embedding", empty, split)
+
+
+def run(ctx) -> None:
+    cfg, layout, f = ctx.cfg, ctx.layout, ctx.cfg.features
+    if ctx.variant != "base":
+        _run_variant(ctx)
+        return
+    splits = {s: read_split(layout.data_dir, s, ctx.subject, parts=("stim", "cap")) for s in ("train", "test")}
+    model = load_models.vdvae(cfg, ctx.device)
+    for i, (split, data) in enumerate(splits.items()):
+        _vdvae_features(model, data.stim, f.vdvae_groups, f.vdvae_batch_size,
+                        f.seed + (TEST_SEED_OFFSET if split == "test" else 0),
+                        layout.features("vdvae", split), ctx.progress)
+    del model
+    clip = load_models.clip(cfg, ctx.device)
+    for split, data in splits.items():
+        _warn_missing_captions(data.cap, split)
+        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=f.clip_batch_size), data.cap,
+                       layout.features("cliptext", split), f"CLIP-text {split}", ctx.progress)
+        _clip_features(lambda s: clip.encode_images(s, batch_size=f.clip_batch_size), data.stim,
+                       layout.features("clipvision", split), f"CLIP-vision {split}", ctx.progress)
+
+
+def _run_variant(ctx) -> None:
+    """Make sure the base features exist, then extract only what the variant changes."""
+    from pipeline.runner import Context, run_step, step_spec
+
+    base_ctx = Context(cfg=ctx.cfg, layout=ctx.layout.base, device=ctx.device, force=False, progress=ctx.progress)
+    run_step(step_spec("features"), base_ctx)
+    n_train = io.load_npy(ctx.layout.base.features("vdvae", "train"), mmap_mode="r").shape[0]
+    variant = load_variant(ctx.layout, n_train)
+    if not variant.changed_targets():
+        return
+    clip = load_models.clip(ctx.cfg, ctx.device)
+    bs = ctx.cfg.features.clip_batch_size
+    if variant.captions is not None:
+        _warn_missing_captions(variant.captions, "train")
+        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=bs), variant.captions,
+                       ctx.layout.features("cliptext", "train"), "CLIP-text train (variant)", ctx.progress)
+    if variant.stim_clipvision is not None:
+        _clip_features(lambda s: clip.encode_images(s, batch_size=bs), variant.stim_clipvision,
+                       ctx.layout.features("clipvision", "train"), "CLIP-vision train (variant)", ctx.progress)
+
+
+def outputs(ctx) -> list[Path]:
+    if ctx.variant == "base":
+        return [ctx.layout.features(t, s) for t in TARGETS for s in ("train", "test")]
+    variant = load_variant(ctx.layout)
+    return [ctx.layout.features(t, "train") for t in variant.changed_targets()]
+
+
+def inputs(ctx) -> list[Path]:
+    from pipeline.common_format import part_path
+
+    d = ctx.layout.base.data_dir
+    paths = [part_path(d, s, p, ctx.subject) for s in ("train", "test") for p in ("stim", "cap")]
+    return paths + variant_files(ctx.layout)
+
+
+def train_targets(layout, target: str, mmap: bool = True) -> np.ndarray:
+    """Training targets of ``target`` for ``layout``'s variant, before row selection."""
+    own = layout.features(target, "train")
+    if layout.variant != "base" and own.is_file():
+        return io.load_npy(own, mmap_mode="r" if mmap else None)
+    return io.load_npy(layout.base.features(target, "train"), mmap_mode="r" if mmap else None)
+
+
+def main(argv=None) -> int:
+    return step_main("features", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

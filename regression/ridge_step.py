@@ -1,0 +1,92 @@
+"""Step 3, ``ridge``: fMRI → VDVAE / CLIP-text / CLIP-vision, predicted on the test set.
+
+All three target groups are solved from one decomposition of the training fMRI
+(:class:`regression.ridge.MultiTargetRidge`), with the reference alphas by default. The test
+predictions are re-standardised as Brain-Diffuser does unless ``ridge.rescale = false``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import io
+from pipeline.cli import step_main
+from pipeline.common_format import part_path, read_split
+from pipeline.layout import TARGETS
+from pipeline.variant import load_variant, variant_files
+from regression.extract_features import train_targets
+
+log = logging.getLogger("recon")
+
+
+def training_data(ctx):
+    """(X_train, X_test, {target: Y_train}) for the context's variant (rows selected)."""
+    layout = ctx.layout
+    train = read_split(layout.base.data_dir, "train", ctx.subject, parts=("fmri",))
+    test = read_split(layout.base.data_dir, "test", ctx.subject, parts=("fmri",))
+    variant = load_variant(layout, len(train))
+    Y = {t: train_targets(layout, t) for t in TARGETS}
+    X = train.fmri
+    for t, y in Y.items():
+        if y.shape[0] != X.shape[0]:
+            raise_mismatch(layout, t, y.shape[0], X.shape[0])
+    if variant.indices is not None:
+        X = X[variant.indices]
+        Y = {t: np.asarray(y[variant.indices]) for t, y in Y.items()}
+    return X, test.fmri, Y
+
+
+def raise_mismatch(layout, target, n_y, n_x):
+    from pipeline.errors import UserError
+
+    raise UserError(f"{layout.features(target, 'train')}: {n_y} rows but the training fMRI has {n_x} "
+                    f"(rerun the features step with --force)")
+
+
+def run(ctx) -> None:
+    from regression.ridge import MultiTargetRidge, normalise_fmri
+
+    r = ctx.cfg.ridge
+    X, X_test, Y = training_data(ctx)
+    X, X_test, _ = normalise_fmri(X, X_test, scale=r.fmri_scale)
+    alphas = {"vdvae": r.alpha_vdvae, "cliptext": r.alpha_cliptext, "clipvision": r.alpha_clipvision}
+    model = MultiTargetRidge(alphas=alphas, device=ctx.device, max_memory_gb=r.max_memory_gb, rescale=r.rescale,
+                             cv_alphas=list(r.cv_alphas) if r.cv else None)
+    model.fit(X, Y)
+    predictions = model.predict(X_test)
+    for target in TARGETS:
+        io.save_npy(ctx.layout.prediction(target), predictions[target].astype(np.float32))
+    if r.save_weights:
+        for target in TARGETS:
+            model.save_weights(target, ctx.layout.ridge_weights(target), dtype=r.weights_dtype)
+    chosen = getattr(model, "alphas_", alphas)
+    log.info("[ridge] sub%s/%s: n_train=%d, voxels=%d, alphas=%s", ctx.subject, ctx.variant, X.shape[0],
+             X.shape[1], {k: float(np.mean(v)) for k, v in chosen.items()})
+
+
+def outputs(ctx) -> list[Path]:
+    out = [ctx.layout.prediction(t) for t in TARGETS]
+    if ctx.cfg.ridge.save_weights:
+        out += [ctx.layout.ridge_weights(t) for t in TARGETS]
+    return out
+
+
+def inputs(ctx) -> list[Path]:
+    layout = ctx.layout
+    d = layout.base.data_dir
+    feats = []
+    for t in TARGETS:
+        own = layout.features(t, "train")
+        feats.append(own if (layout.variant != "base" and own.is_file()) else layout.base.features(t, "train"))
+    return [part_path(d, s, "fmri", ctx.subject) for s in ("train", "test")] + feats + variant_files(layout)
+
+
+def main(argv=None) -> int:
+    return step_main("ridge", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
