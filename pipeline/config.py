@@ -81,7 +81,7 @@ class SyntheticConfig:
     n_train: int = 96
     n_test: int = 8
     n_voxels: int = 256
-    image_size: int = 64
+    image_size: int = 128
     noise: float = 0.5
     seed: int = 0
 

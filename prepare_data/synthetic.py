@@ -20,6 +20,28 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "stripes")
 POSITIONS = {"left": 0.3, "centre": 0.5, "right": 0.7}
 N_REP_TEST = 3
+PHOTO_EVERY = 8  # every 8th image is a random crop of one of scikit-image's bundled photos
+PHOTOS = {"chelsea": "a photo of a tabby cat", "coffee": "a cup of coffee on a saucer",
+          "astronaut": "an astronaut in a white suit in front of a flag",
+          "rocket": "a rocket on a launch pad", "hubble_deep_field": "galaxies in the night sky"}
+_N_ATTRS = len(COLOURS) * 2 + len(SHAPES) + len(POSITIONS) + 1
+
+
+def _photo(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A random square crop of a bundled photo, resized to ``size``."""
+    import skimage.data
+    from PIL import Image
+
+    names = list(PHOTOS)
+    name = names[int(rng.integers(len(names)))]
+    img = getattr(skimage.data, name)()
+    side = int(min(img.shape[:2]) * rng.uniform(0.6, 1.0))
+    y0 = int(rng.integers(0, img.shape[0] - side + 1))
+    x0 = int(rng.integers(0, img.shape[1] - side + 1))
+    crop = Image.fromarray(img[y0:y0 + side, x0:x0 + side]).resize((size, size), Image.Resampling.BICUBIC)
+    attrs = np.zeros(_N_ATTRS, dtype=np.float32)
+    attrs[-1] = 1
+    return np.asarray(crop, dtype=np.uint8), [PHOTOS[name], f"a picture: {PHOTOS[name]}"], attrs
 
 
 def _draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -51,7 +73,7 @@ def _draw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[str], n
         f"a {sn} in {fgn} at the {pos_name}",
         f"{bgn} background with a {fgn} {sn}",
     ]
-    attrs = np.zeros(len(names) * 2 + len(SHAPES) + len(POSITIONS), dtype=np.float32)
+    attrs = np.zeros(_N_ATTRS, dtype=np.float32)
     attrs[fg] = 1
     attrs[len(names) + bg] = 1
     attrs[2 * len(names) + shape] = 1
@@ -78,7 +100,8 @@ def make_synthetic(n_train: int, n_test: int, n_voxels: int, image_size: int, no
         stim = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
         caps, feats = [], []
         for i in range(n):
-            stim[i], c, a = _draw(img_rng, image_size)
+            draw = _photo if i % PHOTO_EVERY == PHOTO_EVERY - 1 else _draw
+            stim[i], c, a = draw(img_rng, image_size)
             caps.append(c)
             feats.append(_readout(stim[i], a))
         feats = np.stack(feats)
@@ -94,7 +117,7 @@ def make_synthetic(n_train: int, n_test: int, n_voxels: int, image_size: int, no
 
 
 def prepare_subject(out_dir: Path, subject: str, *, n_train: int = 96, n_test: int = 8, n_voxels: int = 256,
-                    image_size: int = 64, noise: float = 0.5, seed: int = 0) -> dict:
+                    image_size: int = 128, noise: float = 0.5, seed: int = 0) -> dict:
     """Write one synthetic subject in the common format (each subject gets its own seed offset)."""
     subject_seed = int(subject) if str(subject).isdigit() else sum(map(ord, str(subject)))
     train, test = make_synthetic(n_train, n_test, n_voxels, image_size, noise, seed, subject_seed)
