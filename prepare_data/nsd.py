@@ -275,7 +275,7 @@ def prepare_subject(
     """Write ``train``/``test`` splits of one NSD subject in the common format to ``out_dir``.
 
     ``raw_dir`` mirrors the NSD bucket; ``n_sessions`` = 37 reproduces Brain-Diffuser (8,859 train /
-    982 test images), 40 uses all released sessions (1,000 test).  ``captions`` = None reads the COCO
+    982 test images), 40 uses all released sessions (1,000 test).  ``captions`` = None (or '') reads the COCO
     2017 JSONs; a path reads a curated (73000, n_cap) string ``.npy``.  Returns the summary that is
     also stored in ``manifest.json``.
     """
@@ -300,7 +300,7 @@ def prepare_subject(
     stim_path = raw_dir / STIMULI
     if not stim_path.is_file():
         raise UserError(f"{stim_path}: NSD stimulus file not found")
-    caption_path = Path(captions) if captions is not None else None
+    caption_path = Path(captions) if captions not in (None, "") else None
     if caption_path is not None and not caption_path.is_file():
         raise UserError(f"{caption_path}: caption file not found")
     roi_path = raw_dir / ROI.format(s=s)

@@ -59,13 +59,16 @@ def make_nsd_fixture(
     n_specific = n_images - n_shared
     n_pool = n_shared + N_SUBJECTS_IN_DESIGN * n_specific  # the "73k" pool
 
-    # design: shared ids are the first n_shared columns of every row, the rest is per subject
+    # design: the same shared ids, in the same order, open every row (as on the real file, so the
+    # test order is common to all subjects); the rest is per subject.  The two images shown only in
+    # the last session (10k positions 1 and n_images) get the smallest id of their split, so the
+    # order of first appearance can never coincide with sorted order.
     pool_ids = rng.permutation(n_pool) + 1  # 1-based
-    shared = pool_ids[:n_shared]
+    shared = np.sort(pool_ids[:n_shared])
     subjectim = np.zeros((N_SUBJECTS_IN_DESIGN, n_images), dtype=np.int32)
     for row in range(N_SUBJECTS_IN_DESIGN):
         specific = pool_ids[n_shared + row * n_specific: n_shared + (row + 1) * n_specific]
-        subjectim[row] = np.concatenate([rng.permutation(shared), specific])
+        subjectim[row] = np.concatenate([shared, np.sort(specific)[::-1]])
     master = _masterordering(rng, n_images, n_shared, n_sessions, trials_per_session)
     n_trials = n_sessions * trials_per_session
     design_path = root / "nsddata/experiments/nsd/nsd_expdesign.mat"

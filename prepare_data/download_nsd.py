@@ -1,0 +1,311 @@
+"""Download exactly the NSD files the NSD prepare step reads, resumably, without AWS credentials.
+
+The bucket ``s3://natural-scenes-dataset`` is public (AWS Open Data); files are fetched over HTTPS from
+``https://natural-scenes-dataset.s3.amazonaws.com/<key>`` and laid out under ``--dest`` with the bucket's
+own paths (datasets.md §1.2), which is the layout ``prepare_data.nsd`` expects.  Using the data requires
+accepting the NSD Terms and Conditions (NSD Data Access form) first.
+
+COCO captions are not taken from the NSD bucket: like ``nsd_access`` we fetch the official COCO 2017
+annotation archive (``annotations_trainval2017.zip``, images.cocodataset.org) into
+``nsddata_stimuli/stimuli/nsd/`` and extract only ``annotations/captions_{train,val}2017.json`` there.
+
+Every file is written to ``<name>.part`` and renamed when its size matches the remote size, so an
+interrupted run leaves no file that looks complete; the next run skips complete files and resumes
+``.part`` files with an HTTP Range request (or starts over when the server ignores the range).
+
+    python -m prepare_data.download_nsd --subjects 1 2 5 7 --sessions 37 --dest raw/nsd --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from pipeline import io
+from pipeline.errors import UserError
+from prepare_data import nsd
+
+BUCKET_URL = "https://natural-scenes-dataset.s3.amazonaws.com"
+COCO_ANNOTATIONS_URL = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+COCO_ZIP_KEY = "nsddata_stimuli/stimuli/nsd/annotations_trainval2017.zip"
+COCO_MEMBERS = ("annotations/captions_train2017.json", "annotations/captions_val2017.json")
+# Core NSD sessions completed per subject (NSD manual, "Technical notes"); 37 were public until 2023.
+SESSIONS_PER_SUBJECT = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: ``key`` is its path under the destination (= its bucket key).
+
+    ``url`` overrides the bucket URL (COCO archive); ``extract`` names zip members to unpack next to it.
+    """
+
+    key: str
+    size: int | None = None
+    url: str | None = None
+    extract: tuple[str, ...] = ()
+
+
+def plan(
+    subjects: Iterable[int | str],
+    n_sessions: int,
+    include_stimuli: bool = True,
+    include_captions: bool = True,
+) -> list[RemoteFile]:
+    """The files ``prepare_data.nsd.prepare_subject`` reads for these subjects and sessions."""
+    subs = sorted({nsd.parse_subject(s) for s in subjects})
+    if not subs:
+        raise UserError("subjects: give at least one NSD subject (1..8)")
+    if not isinstance(n_sessions, int) or n_sessions < 1:
+        raise UserError(f"sessions: expected a positive integer, got {n_sessions!r}")
+    for s in subs:
+        if s not in SESSIONS_PER_SUBJECT:
+            raise UserError(f"subject {s}: NSD has subjects 1..8")
+        if n_sessions > SESSIONS_PER_SUBJECT[s]:
+            raise UserError(f"subject {s}: NSD has only {SESSIONS_PER_SUBJECT[s]} sessions, {n_sessions} requested")
+    files = [RemoteFile(nsd.EXPDESIGN)]
+    if include_captions:
+        files.append(RemoteFile(nsd.STIM_INFO))
+        files.append(RemoteFile(COCO_ZIP_KEY, url=COCO_ANNOTATIONS_URL, extract=COCO_MEMBERS))
+    for s in subs:
+        files.append(RemoteFile(nsd.ROI.format(s=s)))
+        files.extend(RemoteFile(nsd.BETAS.format(s=s, n=n)) for n in range(1, n_sessions + 1))
+    if include_stimuli:
+        files.append(RemoteFile(nsd.STIMULI))
+    return files
+
+
+# ------------------------------------------------------------------------------------------ transports
+
+
+class HttpTransport:
+    """Anonymous HTTPS reads from the public bucket (urllib; sizes by HEAD, resume by Range)."""
+
+    def __init__(self, base_url: str = BUCKET_URL, timeout: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def url(self, f: RemoteFile) -> str:
+        return f.url or f"{self.base_url}/{f.key}"
+
+    def _open(self, f: RemoteFile, method: str = "GET", headers: dict | None = None):
+        req = urllib.request.Request(self.url(f), method=method, headers={"User-Agent": "recon-diffuser", **(headers or {})})
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"{self.url(f)}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(f"{self.url(f)}: cannot connect ({getattr(exc, 'reason', exc)})") from None
+
+    def size(self, f: RemoteFile) -> int | None:
+        with self._open(f, "HEAD") as resp:
+            length = resp.headers.get("Content-Length")
+        return int(length) if length is not None else None
+
+    def fetch(self, f: RemoteFile, offset: int = 0) -> tuple[int, Iterator[bytes]]:
+        """Return (start, chunks): the bytes from ``start``, which is ``offset`` or 0 if Range is ignored."""
+        resp = self._open(f, headers={"Range": f"bytes={offset}-"} if offset else None)
+        start = offset if (offset and resp.status == 206) else 0
+
+        def chunks() -> Iterator[bytes]:
+            with resp:
+                while block := resp.read(CHUNK_BYTES):
+                    yield block
+
+        return start, chunks()
+
+
+class LocalMirror:
+    """Copy from a local folder laid out like the bucket (tests; users with a copy on another disk)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, f: RemoteFile) -> Path:
+        return self.root / f.key
+
+    def size(self, f: RemoteFile) -> int | None:
+        path = self.path(f)
+        if not path.is_file():
+            raise UserError(f"{path}: not in the local mirror")
+        return path.stat().st_size
+
+    def fetch(self, f: RemoteFile, offset: int = 0) -> tuple[int, Iterator[bytes]]:
+        path = self.path(f)
+        if not path.is_file():
+            raise UserError(f"{path}: not in the local mirror")
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                while block := fh.read(CHUNK_BYTES):
+                    yield block
+
+        return offset, chunks()
+
+
+# ------------------------------------------------------------------------------------------- download
+
+
+def _part_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part")
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return "?"
+
+
+def _fetch_one(f: RemoteFile, final: Path, transport, progress: bool) -> str:
+    """Bring one file to ``final`` through ``final.part``; return 'downloaded' or 'resumed'."""
+    part = _part_path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    offset = part.stat().st_size if part.is_file() else 0
+    if f.size is not None and offset > f.size:
+        offset = 0  # longer than the remote file: not ours to resume
+    if f.size is not None and offset == f.size:
+        start = offset
+    else:
+        start, chunks = transport.fetch(f, offset)
+        written = start
+        with open(part, "r+b" if part.exists() else "wb") as fh:
+            fh.truncate(start)
+            fh.seek(start)
+            bar = tqdm(total=f.size, initial=start, unit="B", unit_scale=True, desc=Path(f.key).name,
+                       disable=not progress, leave=False)
+            try:
+                for block in chunks:
+                    fh.write(block)
+                    written += len(block)
+                    bar.update(len(block))
+            except (OSError, urllib.error.URLError) as exc:
+                raise UserError(f"{f.key}: download interrupted after {written} bytes ({exc}); run again to resume") from None
+            finally:
+                bar.close()
+                fh.flush()
+                os.fsync(fh.fileno())
+    got = part.stat().st_size
+    if f.size is not None and got != f.size:
+        part.unlink()
+        raise UserError(f"{f.key}: got {got} bytes but the remote file has {f.size}; removed the partial file, run again")
+    os.replace(part, final)
+    return "resumed" if start > 0 else "downloaded"
+
+
+def _extract(f: RemoteFile, archive: Path, dest: Path) -> None:
+    """Unpack the named members next to the archive (atomically, missing ones only)."""
+    base = dest / Path(f.key).parent
+    todo = [m for m in f.extract if not (base / m).is_file()]
+    if not todo:
+        return
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = set(zf.namelist())
+            for member in todo:
+                if member not in names:
+                    raise UserError(f"{archive}: member {member!r} missing from the archive")
+                with io.atomic_path(base / member) as tmp, zf.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK_BYTES)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{archive}: not a valid zip archive ({exc}); delete it and run again") from None
+
+
+def download(
+    files: Sequence[RemoteFile],
+    dest: str | os.PathLike,
+    transport=None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Fetch ``files`` under ``dest`` (resumable); return ``{key: status}``.
+
+    Status is 'skipped' (complete file present), 'resumed' (continued a ``.part``), 'downloaded', or
+    for a dry run 'present' / 'partial' / 'missing' (the plan and total size are printed).
+    """
+    dest = Path(dest)
+    transport = transport if transport is not None else HttpTransport()
+    status: dict[str, str] = {}
+    if dry_run:
+        total, unknown, why = 0, 0, ""
+        for f in files:
+            size = f.size
+            if size is None:
+                try:
+                    size = transport.size(f)
+                except UserError as exc:
+                    size, why = None, why or str(exc)
+            final = dest / f.key
+            state = "present" if final.is_file() else "partial" if _part_path(final).is_file() else "missing"
+            status[f.key] = state
+            if size is None:
+                unknown += 1
+            else:
+                total += size
+            print(f"{_human(size):>10}  {state:<8}  {f.key}" + (f"  (from {f.url})" if f.url else ""))
+        note = f" (+ {unknown} files of unknown size; first problem: {why})" if unknown else ""
+        print(f"{len(files)} files, {_human(total)} in total{note} -> {dest}")
+        return status
+
+    for f in tqdm(files, desc="NSD files", unit="file", disable=not progress):
+        final = dest / f.key
+        if f.size is None:
+            f = replace(f, size=transport.size(f))
+        if final.is_file() and (f.size is None or final.stat().st_size == f.size):
+            status[f.key] = "skipped"
+        else:
+            status[f.key] = _fetch_one(f, final, transport, progress)
+        if f.extract:
+            _extract(f, final, dest)
+    return status
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other user error
+        raise UserError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m prepare_data.download_nsd", description=__doc__.split("\n")[0])
+    p.add_argument("--subjects", nargs="+", default=["1", "2", "5", "7"], help="NSD subjects (default: 1 2 5 7)")
+    p.add_argument("--sessions", type=int, default=37, help="betas sessions per subject (37 = Brain-Diffuser, 40 = all)")
+    p.add_argument("--dest", required=True, help="local NSD root (mirrors the bucket layout)")
+    p.add_argument("--dry-run", action="store_true", help="list files, states and total size; download nothing")
+    p.add_argument("--no-stimuli", action="store_true", help="skip nsd_stimuli.hdf5 (~39.6 GB)")
+    p.add_argument("--no-captions", action="store_true", help="skip the stimulus CSV and COCO caption files")
+    p.add_argument("--mirror", default=None, help="copy from this local folder instead of the public bucket")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    try:
+        args = p.parse_args(argv)
+        files = plan(args.subjects, args.sessions, include_stimuli=not args.no_stimuli,
+                     include_captions=not args.no_captions)
+        transport = LocalMirror(args.mirror) if args.mirror else HttpTransport()
+        status = download(files, args.dest, transport, dry_run=args.dry_run, progress=not args.no_progress)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        counts = {s: list(status.values()).count(s) for s in ("downloaded", "resumed", "skipped")}
+        print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
