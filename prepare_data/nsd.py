@@ -281,6 +281,7 @@ def prepare_subject(
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     s = parse_subject(subject)
+    label = str(subject).strip()  # file names use the subject as the pipeline spells it (sub<label>)
     if not isinstance(n_sessions, (int, np.integer)) or n_sessions < 1:
         raise UserError(f"n_sessions: expected a positive integer, got {n_sessions!r}")
     if not raw_dir.is_dir():
@@ -291,7 +292,8 @@ def prepare_subject(
     present = subjects_present(raw_dir)
     if s not in present or s > design["subjectim"].shape[0]:
         listed = ", ".join(str(p) for p in present) or "none"
-        raise UserError(f"NSD subject {s} not found under {raw_dir} (no {BETAS_DIR.format(s=s)} or ROI); subjects present: {listed}")
+        raise UserError(f"NSD subject {s} not found under {raw_dir} (no {BETAS_DIR.format(s=s)} or ROI); "
+                        f"subjects present: {listed}")
     session_paths = [raw_dir / BETAS.format(s=s, n=n) for n in range(1, n_sessions + 1)]
     missing = [p for p in session_paths if not p.is_file()]
     if missing:
@@ -312,17 +314,20 @@ def prepare_subject(
     n_trials = int(sum(counts))
     master = design["masterordering"]
     if n_trials > len(master):
-        raise UserError(f"{raw_dir / EXPDESIGN}: masterordering has {len(master)} trials, the betas of {n_sessions} sessions {n_trials}")
+        raise UserError(f"{raw_dir / EXPDESIGN}: masterordering has {len(master)} trials, "
+                        f"the betas of {n_sessions} sessions {n_trials}")
     plan = assign_trials(master, design["subjectim"][s - 1], n_trials, design["n_shared"])
     ids = {"train": plan["train"], "test": plan["test"]}
     if not len(ids["train"]) or not len(ids["test"]):
-        raise UserError(f"NSD subject {s}: {n_sessions} sessions give {len(ids['train'])} train and {len(ids['test'])} test images; both must be non-empty")
+        raise UserError(f"NSD subject {s}: {n_sessions} sessions give {len(ids['train'])} train and "
+                        f"{len(ids['test'])} test images; both must be non-empty")
 
     # 3. fMRI: one session at a time, folded into per-image sums and counts
     sums = {k: np.zeros((len(v), n_voxels), dtype=np.float64) for k, v in ids.items()}
     nrep = {k: np.zeros(len(v), dtype=np.int64) for k, v in ids.items()}
     start = 0
-    for path, count in tqdm(list(zip(session_paths, counts)), desc=f"subj{s:02d} sessions", unit="session", disable=not progress):
+    sessions = list(zip(session_paths, counts))
+    for path, count in tqdm(sessions, desc=f"subj{s:02d} sessions", unit="session", disable=not progress):
         betas = masked_session(path, mask)  # (count, V)
         for t in range(count):
             name = "train" if plan["split"][start + t] == 0 else "test"
@@ -346,14 +351,16 @@ def prepare_subject(
     out_dir.mkdir(parents=True, exist_ok=True)
     image_size = None
     for name in ("train", "test"):
-        image_size = write_stimuli(stim_path, ids[name], cf.part_path(out_dir, name, "stim", s), progress, f"subj{s:02d} {name}")
-        cf.write_split(out_dir, name, s, cf.SplitData(
+        stim_out = cf.part_path(out_dir, name, "stim", label)
+        image_size = write_stimuli(stim_path, ids[name], stim_out, progress, f"subj{s:02d} {name}")
+        cf.write_split(out_dir, name, label, cf.SplitData(
             fmri=fmri[name], cap=cf.captions_array(caps[name]), ids=ids[name], nrep=nrep[name].astype(np.int16),
         ))
 
     summary = {
         "dataset": "nsd",
-        "subject": s,
+        "subject": label,
+        "nsd_subject": s,
         "n_train": int(len(ids["train"])),
         "n_test": int(len(ids["test"])),
         "n_voxels": n_voxels,

@@ -102,9 +102,9 @@ def test_captions_from_coco_json(fx, prepared):
 
 
 def test_captions_from_curated_npy(fx, tmp_path):
-    summary = nsd.prepare_subject(fx["root"], tmp_path, 2, n_sessions=3, captions=fx["curated_path"], progress=False)
+    summary = nsd.prepare_subject(fx["root"], tmp_path, "02", n_sessions=3, captions=fx["curated_path"], progress=False)
     assert summary["captions"] == "curated_npy"
-    data = cf.read_split(tmp_path, "test", 2, parts=("ids", "cap"))
+    data = cf.read_split(tmp_path, "test", "02", parts=("ids", "cap"))  # files named as the subject was given
     for i, row in zip(data.ids, data.cap):
         assert [c for c in row if c] == [c for c in fx["curated"][i] if c]
     # same shared test images for every subject, in the same order (masterordering is common)
