@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import html
 import json
 import os
 from pathlib import Path
@@ -38,15 +37,13 @@ MAX_LENGTH = 77
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255 (in vocab order)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    order = list(printable)
     symbols = [chr(b) for b in printable]
     extra = 0
-    for b in range(256):
+    for b in range(256):  # the other bytes map to code points 256, 257, ... and come after, in byte order
         if b not in printable:
-            order.append(b)
             symbols.append(chr(256 + extra))
             extra += 1
-    return symbols  # symbols[i] is the vocab entry i (order of `order`, as in SimpleTokenizer)
+    return symbols
 
 
 def bpe_file() -> Path:
@@ -117,12 +114,13 @@ def build_clip_tokenizer(out_dir: str | os.PathLike | None = None) -> CLIPTokeni
 
 
 def clean_caption(text: str) -> str:
-    """The text cleaning OpenAI's tokenizer applies before BPE (ftfy repair, HTML unescape, whitespace).
+    """The cleaning the reference's tokenizer applied before BPE: ``ftfy.fix_text``, then whitespace collapsing.
 
-    The transformers fast tokenizer lower-cases and collapses whitespace itself but does not repair
-    mojibake, curly quotes or HTML entities; without this step such captions would tokenise differently.
+    The reference used transformers 4.19's slow CLIPTokenizer with ftfy installed, which runs exactly this
+    (then lower-cases, which the fast tokenizer does itself). The fast tokenizer alone would not repair
+    mojibake, curly quotes or HTML entities. (open_clip additionally un-escapes HTML twice; that only
+    differs for doubly escaped entities such as ``&amp;amp;``.)
     """
     import ftfy
 
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return " ".join(text.split())
+    return " ".join(ftfy.fix_text(text).split())
