@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VPY) synthetic_main.py --config configs/demo.toml
-	$(VPY) re_recon_main.py demo_dropout --config configs/demo.toml --executor local
+	$(VPY) re_recon_main.py dropout_demo
 	@echo "demo finished: see demo_output/results/synthetic/ (images/, eval/) and demo_output/results/experiments/"
 
 test: setup

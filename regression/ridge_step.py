@@ -50,21 +50,40 @@ def run(ctx) -> None:
     from regression.ridge import MultiTargetRidge, normalise_fmri
 
     r = ctx.cfg.ridge
+    fit = list(TARGETS)
+    if ctx.variant != "base":
+        variant = load_variant(ctx.layout)
+        if variant.indices is None:  # same training rows: only re-fit the targets the variant changed
+            _ensure_base(ctx)
+            fit = variant.changed_targets()
+            for target in TARGETS:
+                if target not in fit:
+                    io.save_npy(ctx.layout.prediction(target), io.load_npy(ctx.layout.base.prediction(target)))
+            if not fit:
+                return
     X, X_test, Y = training_data(ctx)
+    Y = {t: Y[t] for t in fit}
     X, X_test, _ = normalise_fmri(X, X_test, scale=r.fmri_scale)
     alphas = {"vdvae": r.alpha_vdvae, "cliptext": r.alpha_cliptext, "clipvision": r.alpha_clipvision}
-    model = MultiTargetRidge(alphas=alphas, device=ctx.device, max_memory_gb=r.max_memory_gb, rescale=r.rescale,
-                             cv_alphas=list(r.cv_alphas) if r.cv else None)
+    model = MultiTargetRidge(alphas={t: alphas[t] for t in fit}, device=ctx.device, max_memory_gb=r.max_memory_gb,
+                             rescale=r.rescale, cv_alphas=list(r.cv_alphas) if r.cv else None)
     model.fit(X, Y)
     predictions = model.predict(X_test)
-    for target in TARGETS:
+    for target in fit:
         io.save_npy(ctx.layout.prediction(target), predictions[target].astype(np.float32))
     if r.save_weights:
-        for target in TARGETS:
+        for target in fit:
             model.save_weights(target, ctx.layout.ridge_weights(target), dtype=r.weights_dtype)
-    chosen = getattr(model, "alphas_", alphas)
+    chosen = getattr(model, "alphas_", None) or {t: alphas[t] for t in fit}
     log.info("[ridge] sub%s/%s: n_train=%d, voxels=%d, alphas=%s", ctx.subject, ctx.variant, X.shape[0],
              X.shape[1], {k: float(np.mean(v)) for k, v in chosen.items()})
+
+
+def _ensure_base(ctx) -> None:
+    from pipeline.runner import Context, run_step, step_spec
+
+    run_step(step_spec("ridge"), Context(cfg=ctx.cfg, layout=ctx.layout.base, device=ctx.device,
+                                         progress=ctx.progress))
 
 
 def outputs(ctx) -> list[Path]:

@@ -1,0 +1,341 @@
+"""Experiment grids as plain data: a TOML file names a dataset, subjects and variant grids.
+
+``configs/experiments/<name>.toml``::
+
+    [experiment]
+    dataset = "deeprecon"
+    subjects = ["TH", "AM"]
+    configs = ["configs/deeprecon.toml"]   # applied first (relative to the repository root)
+    baseline = true                        # also run the unchanged training set ('base')
+
+    [set]                                  # config overrides for every task
+    "versatile.batch_size" = 8
+
+    [[variants]]                           # lists expand as a grid (product)
+    method = "random"
+    fraction = [0.75, 0.5, 0.25, 0.1]
+    draw = [0, 1]
+
+    [executor]                             # defaults for re_recon_main.py flags
+    name = "slurm"
+    slurm_partition = "gpu"
+
+A variant parameter whose name contains a dot (``"versatile.mix_text"``) is a config override of
+that task; every other parameter goes to the variant's builder (:data:`BUILDERS`). A task is one
+(subject, variant); it is idempotent because every step is complete-or-absent.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline import io
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+from pipeline.layout import Layout
+
+log = logging.getLogger("recon")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT_DIR = REPO_ROOT / "configs" / "experiments"
+RUN_STEPS = ("features", "ridge", "vdvae_init", "versatile", "evaluate")
+
+
+# ---------------------------------------------------------------------------------------------
+# variant builders: method name → function(layout, cfg, **params) → dict of variant arrays
+
+
+def _train(layout: Layout, parts=("stim",)):
+    from pipeline.common_format import read_split
+
+    return read_split(layout.base.data_dir, "train", layout.subject, parts=parts)
+
+
+def _build_random(layout, cfg, fraction: float, draw: int = 0, seed: int = 0):
+    from dropout.random import select_random
+
+    n = len(_train(layout, ("nrep",)))
+    return {"indices": select_random(n, float(fraction), int(draw), int(seed))}
+
+
+def _build_diversity(layout, cfg, space: str, fraction: float, draw: int = 0, seed: int = 0,
+                     n_neighbors: int = 15, min_dist: float = 0.1):
+    from dropout import diversity
+
+    if space == "pixels":
+        emb = diversity.embed_pixels(_train(layout).stim)
+    elif space == "clipvision":
+        emb = diversity.embed_clipvision(io.load_npy(layout.base.features("clipvision", "train"), mmap_mode="r"))
+    elif space == "dreamsim":
+        emb = diversity.embed_dreamsim(_train(layout).stim, cfg.paths.weights_dir, "cpu")
+    else:
+        raise UserError(f"diversity space {space!r}: expected pixels, clipvision or dreamsim")
+    indices, diagnostics = diversity.select_diverse(emb, float(fraction), int(draw), int(seed),
+                                                    n_neighbors=int(n_neighbors), min_dist=float(min_dist))
+    return {"indices": indices, "diagnostics": diagnostics}
+
+
+def _build_plain(layout, cfg, subset: str, fraction: float = 0.25):
+    from dropout.plain_background import select_plain
+
+    return {"indices": select_plain(_train(layout).stim, subset, float(fraction))}
+
+
+def _build_captions(layout, cfg, file: str):
+    """Training captions from a caption-variant file (e.g. written by ai_captions/generate.py)."""
+    from ai_captions.variants import load_caption_variant
+
+    ids = _train(layout, ("ids",)).ids
+    return {"captions": load_caption_variant(cfg.resolve_path(file), ids)}
+
+
+def _build_shuffled_captions(layout, cfg, seed: int = 0):
+    from ai_captions.shuffle import shuffle_captions
+
+    return {"captions": shuffle_captions(_train(layout, ("cap",)).cap, int(seed))}
+
+
+def _build_perturbed(layout, cfg, file: str, copy: int = 0):
+    """Training images for CLIP-vision from a perturbation file (adv_pert/perturb.py)."""
+    from adv_pert.perturb import load_perturbed
+
+    ids = _train(layout, ("ids",)).ids
+    return {"stim_clipvision": load_perturbed(cfg.resolve_path(file), ids, int(copy))}
+
+
+def _build_settings(layout, cfg):
+    return {}
+
+
+BUILDERS: dict[str, Callable[..., dict]] = {
+    "random": _build_random,
+    "diversity": _build_diversity,
+    "plain": _build_plain,
+    "captions": _build_captions,
+    "shuffled_captions": _build_shuffled_captions,
+    "perturbed": _build_perturbed,
+    "settings": _build_settings,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# grid expansion
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()  # builder parameters
+    overrides: tuple[str, ...] = ()  # "section.key=value" config overrides
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: Path
+    dataset: str
+    subjects: list[str] | None  # None: the subjects of the resolved config
+    configs: list[Path]
+    overrides: list[str]
+    variants: list[VariantSpec]
+    executor: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, extra_overrides: list[str] = (), extra_configs: list[str] = ()) -> Config:
+        return load_config([*self.configs, *extra_configs],
+                           [f"run.dataset={self.dataset}", *self.overrides, *extra_overrides])
+
+
+@dataclass(frozen=True)
+class Task:
+    experiment: str
+    subject: str
+    variant: VariantSpec
+
+    @property
+    def name(self) -> str:
+        return f"sub{self.subject}__{self.variant.name}"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def variant_name(method: str, params: dict[str, Any]) -> str:
+    parts = [method] + [f"{k.split('.')[-1]}-{_fmt(v)}" for k, v in params.items()]
+    return "_".join(parts).replace("/", "-")
+
+
+def expand(entry: dict[str, Any], source: str) -> list[VariantSpec]:
+    entry = dict(entry)
+    method = entry.pop("method", None)
+    if method not in BUILDERS:
+        raise UserError(f"{source}: variant method {method!r} unknown; known: {', '.join(BUILDERS)}")
+    name_prefix = entry.pop("name", None)
+    keys = list(entry)
+    grids = [v if isinstance(v, list) else [v] for v in entry.values()]
+    out = []
+    for combo in itertools.product(*grids):
+        params = dict(zip(keys, combo))
+        builder = tuple((k, v) for k, v in params.items() if "." not in k)
+        overrides = tuple(f"{k}={_fmt(v) if not isinstance(v, bool) else str(v).lower()}"
+                          for k, v in params.items() if "." in k)
+        name = variant_name(name_prefix or method, params)
+        out.append(VariantSpec(name, method, builder, overrides))
+    return out
+
+
+def find_experiment(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    candidate = EXPERIMENT_DIR / f"{name_or_path}.toml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(f.stem for f in EXPERIMENT_DIR.glob("*.toml"))
+    raise UserError(f"experiment {name_or_path!r} not found in {EXPERIMENT_DIR}; known: {', '.join(known)}")
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = find_experiment(name_or_path)
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: invalid TOML ({exc})") from None
+    unknown = set(data) - {"experiment", "set", "variants", "executor"}
+    if unknown:
+        raise UserError(f"{path}: unknown section(s) {sorted(unknown)}; expected experiment, set, variants, executor")
+    head = data.get("experiment", {})
+    if "dataset" not in head:
+        raise UserError(f"{path}: [experiment] needs a dataset")
+    variants = [VariantSpec("base", "settings")] if head.get("baseline", True) else []
+    for i, entry in enumerate(data.get("variants", [])):
+        variants.extend(expand(entry, f"{path} [[variants]] #{i + 1}"))
+    names = [v.name for v in variants]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UserError(f"{path}: duplicate variant names {sorted(dupes)}")
+    overrides = [f"{k}={_toml_scalar(v)}" for k, v in data.get("set", {}).items()]
+    return Experiment(
+        name=path.stem, path=path, dataset=head["dataset"],
+        subjects=[str(s) for s in head.get("subjects", [])] or None,
+        configs=[REPO_ROOT / c if not Path(c).is_absolute() else Path(c) for c in head.get("configs", [])],
+        overrides=overrides, variants=variants, executor=data.get("executor", {}))
+
+
+def _toml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# running one task
+
+
+def task_config(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()) -> Config:
+    cfg = exp.config(list(extra_overrides) + list(task.variant.overrides), list(extra_configs))
+    cfg.run.variant = task.variant.name
+    return cfg
+
+
+def ensure_variant(cfg: Config, layout: Layout, spec: VariantSpec) -> None:
+    """Write the variant's files once (deterministic, so a rerun would write the same)."""
+    from pipeline.variant import variant_exists, write_variant
+
+    if spec.name == "base" or variant_exists(layout):
+        return
+    built = BUILDERS[spec.method](layout, cfg, **dict(spec.params))
+    diagnostics = built.pop("diagnostics", None)
+    write_variant(layout, spec.method, **built, **dict(spec.params),
+                  **({"diagnostics": diagnostics} if diagnostics else {}))
+
+
+def status_path(cfg: Config, task: Task) -> Path:
+    return Path(cfg.paths.results_dir).expanduser() / "experiments" / task.experiment / "tasks" / f"{task.name}.json"
+
+
+def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra_overrides=(),
+             progress: bool = True) -> str:
+    """Run every step of one task (the function submitit executes). Returns the task name."""
+    from pipeline.cli import setup_logging
+    from pipeline.runner import Context, resolve_device, run_step, step_spec
+
+    setup_logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    exp = load_experiment(exp_path)
+    task = next((t for t in all_tasks(exp, extra_configs, extra_overrides) if t.name == task_name), None)
+    if task is None:
+        raise UserError(f"task {task_name} is not part of experiment {exp.name}")
+    cfg = task_config(exp, task, extra_configs, extra_overrides)
+    device = resolve_device(device or cfg.run.device)
+    state = status_path(cfg, task)
+    record = {"task": task.name, "state": "running", "pid": os.getpid(), "log": os.environ.get("RECON_TASK_LOG", "")}
+    io.save_json(state, record)
+    try:
+        base = Layout(cfg, task.subject, "base")
+        run_step(step_spec("prepare"), Context(cfg, base, device, progress=progress))
+        layout = Layout(cfg, task.subject, task.variant.name)
+        if task.variant.name != "base":
+            run_step(step_spec("features"), Context(cfg, base, device, progress=progress))
+            ensure_variant(cfg, layout, task.variant)
+        for name in RUN_STEPS:
+            run_step(step_spec(name), Context(cfg, layout, device, progress=progress))
+    except BaseException as exc:
+        record.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+        io.save_json(state, record)
+        raise
+    record.update(state="done")
+    io.save_json(state, record)
+    return task.name
+
+
+def all_tasks(exp: Experiment, extra_configs=(), extra_overrides=()) -> list[Task]:
+    subjects = exp.subjects
+    if not subjects:
+        subjects = exp.config(list(extra_overrides), list(extra_configs)).run.subjects
+    return [Task(exp.name, str(s), v) for s in subjects for v in exp.variants]
+
+
+def task_complete(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()) -> bool:
+    from pipeline.runner import Context, is_complete, step_spec
+
+    cfg = task_config(exp, task, extra_configs, extra_overrides)
+    layout = Layout(cfg, task.subject, task.variant.name)
+    if not Path(layout.record("evaluate")).is_file():
+        return False
+    for name in RUN_STEPS:
+        ctx = Context(cfg, layout, "cpu", progress=False)
+        try:
+            if not is_complete(step_spec(name), ctx)[0]:
+                return False
+        except UserError:
+            return False
+    return True
+
+
+def task_state(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()) -> dict:
+    cfg = task_config(exp, task, extra_configs, extra_overrides)
+    path = status_path(cfg, task)
+    record = io.load_json(path) if path.is_file() else {"state": "pending"}
+    if task_complete(exp, task, extra_configs, extra_overrides):
+        record["state"] = "done"
+    elif record.get("state") == "done":
+        record["state"] = "incomplete"
+    return record
+
+
+def indices_summary(cfg: Config, task: Task) -> str:
+    from pipeline.variant import load_variant
+
+    v = load_variant(Layout(cfg, task.subject, task.variant.name))
+    return "all" if v.indices is None else str(len(np.asarray(v.indices)))

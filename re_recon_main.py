@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Run a named experiment grid (configs/experiments/<name>.toml) locally or on SLURM.
+
+    python re_recon_main.py dropout_demo --dry-run        # what is complete, what would run
+    python re_recon_main.py dropout_demo                  # run what is missing, here
+    python re_recon_main.py dropout_deeprecon --executor slurm --partition gpu --gpus 1
+    python re_recon_main.py dropout_deeprecon --status    # done / running / failed, with logs
+    python re_recon_main.py dropout_deeprecon --report    # tables and plots only
+
+Tasks are (subject × variant); each is idempotent, so resubmitting runs only what is missing.
+Tasks of the unchanged training set ('base') run first: every other variant reuses its features.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline import experiment as ex
+from pipeline.cli import guarded, setup_logging
+from pipeline.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="re_recon_main.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="name in configs/experiments/ (or a path to a .toml file)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list tasks and whether they would run")
+    mode.add_argument("--status", action="store_true", help="table of tasks: done / running / failed / pending")
+    mode.add_argument("--report", action="store_true", help="only (re)build the experiment's tables and plots")
+    p.add_argument("--config", "-c", action="append", default=[], help="extra config file(s) for every task")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--subject", "-s", action="append", default=None, help="restrict to these subjects")
+    p.add_argument("--variant", action="append", default=None, metavar="GLOB", help="restrict to matching variants")
+    p.add_argument("--device", default=None)
+    p.add_argument("--executor", choices=("local", "slurm", "debug"), default=None,
+                   help="local: subprocesses here; slurm: submit with submitit; debug: in this process")
+    p.add_argument("--max-parallel", type=int, default=None, help="local executor: tasks at a time (default 1)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--time", type=int, default=None, help="SLURM time limit in minutes")
+    p.add_argument("--mem", type=int, default=None, help="SLURM memory in GB")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="tracebacks for user errors")
+    return p
+
+
+def select_tasks(exp, args) -> list:
+    tasks = ex.all_tasks(exp, args.config, args.overrides)
+    if args.subject:
+        tasks = [t for t in tasks if t.subject in args.subject]
+    if args.variant:
+        tasks = [t for t in tasks if any(fnmatch.fnmatch(t.variant.name, g) for g in args.variant)]
+    if not tasks:
+        raise UserError(f"experiment {exp.name}: no task matches the selection")
+    return tasks
+
+
+def executor_settings(exp, args) -> dict:
+    e = dict(exp.executor)
+    pick = lambda flag, key, default: flag if flag is not None else e.get(key, default)  # noqa: E731
+    return {
+        "name": pick(args.executor, "name", "local"),
+        "max_parallel": pick(args.max_parallel, "max_parallel", 1),
+        "partition": pick(args.partition, "slurm_partition", ""),
+        "gpus": pick(args.gpus, "slurm_gpus", 1),
+        "cpus": pick(args.cpus, "slurm_cpus", 8),
+        "time": pick(args.time, "slurm_time_min", 240),
+        "mem": pick(args.mem, "slurm_mem_gb", 64),
+    }
+
+
+def make_executor(settings: dict, log_dir: Path):
+    import submitit
+
+    name = settings["name"]
+    if name == "debug":
+        return submitit.DebugExecutor(folder=log_dir)
+    if name == "local":
+        executor = submitit.LocalExecutor(folder=log_dir)
+        executor.update_parameters(timeout_min=int(settings["time"]))
+        return executor
+    executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
+    params = dict(timeout_min=int(settings["time"]), gpus_per_node=int(settings["gpus"]),
+                  cpus_per_task=int(settings["cpus"]), mem_gb=int(settings["mem"]), name="recon-diffuser")
+    if settings["partition"]:
+        params["slurm_partition"] = settings["partition"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def run(args) -> None:
+    exp = ex.load_experiment(args.experiment)
+    tasks = select_tasks(exp, args)
+    cfg = exp.config(args.overrides, args.config)
+    root = Path(cfg.paths.results_dir).expanduser() / "experiments" / exp.name
+    if args.status:
+        rows = []
+        for t in tasks:
+            st = ex.task_state(exp, t, args.config, args.overrides)
+            rows.append((t.name, st.get("state", "?"), st.get("log", "") or "-", st.get("error", "")[:60]))
+        print_table(rows, ("task", "state", "log", "error"))
+        return
+    if args.report:
+        from evaluation.experiment_report import write_report
+
+        print(f"report: {write_report(exp, tasks, args.config, args.overrides)}")
+        return
+    todo = [t for t in tasks if not ex.task_complete(exp, t, args.config, args.overrides)]
+    print(f"experiment {exp.name}: {len(tasks)} tasks, {len(tasks) - len(todo)} complete, {len(todo)} to run")
+    if args.dry_run:
+        print_table([(t.name, "complete" if t not in todo else "will run") for t in tasks], ("task", "status"))
+        return
+    if todo and not submit_all(exp, todo, executor_settings(exp, args), root / "logs", args):
+        return
+    from evaluation.experiment_report import write_report
+
+    print(f"report: {write_report(exp, tasks, args.config, args.overrides)}")
+
+
+def _submit(executor, exp, task, log_dir: Path, args):
+    os.environ["RECON_TASK_LOG"] = str(log_dir)
+    job = executor.submit(ex.run_task, str(exp.path), task.name, args.device, tuple(args.config),
+                          tuple(args.overrides), not args.no_progress)
+    print(f"submitted {task.name} (job {job.job_id}, logs in {log_dir})")
+    return job
+
+
+def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
+    """Base tasks first (their features are reused by every other variant), then the rest.
+
+    SLURM: the second wave waits for the first through a job dependency and this command returns
+    at once (follow with --status). Local/debug: at most ``max_parallel`` tasks at a time, here.
+    """
+    executor = make_executor(settings, log_dir)
+    waves = [[t for t in todo if t.variant.name == "base"], [t for t in todo if t.variant.name != "base"]]
+    if settings["name"] == "slurm":
+        first = [_submit(executor, exp, t, log_dir, args) for t in waves[0]]
+        if first:
+            executor.update_parameters(
+                slurm_additional_parameters={"dependency": "afterany:" + ":".join(j.job_id for j in first)})
+        for t in waves[1]:
+            _submit(executor, exp, t, log_dir, args)
+        print("submitted to SLURM; follow with --status, then --report when done")
+        return False
+    limit = max(1, int(settings["max_parallel"]))
+    failures = []
+    for wave in waves:
+        pending, running = list(wave), []
+        while pending or running:
+            while pending and len(running) < limit:
+                task = pending.pop(0)
+                running.append((task, _submit(executor, exp, task, log_dir, args)))
+            still = []
+            for task, job in running:
+                if not job.done():
+                    still.append((task, job))
+                    continue
+                try:
+                    job.result()
+                    print(f"done      {task.name}")
+                except Exception as exc:  # one failed task must not stop the grid
+                    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    failures.append((task.name, last))
+                    print(f"FAILED    {task.name}: {last}", file=sys.stderr)
+            running = still
+            if running:
+                time.sleep(1.0)
+    if failures:
+        raise UserError(f"{len(failures)} task(s) failed, e.g. {failures[0][0]}: {failures[0][1]} "
+                        f"(see --status; rerun to retry only those)")
+    return True
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    return guarded(lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
