@@ -325,11 +325,11 @@ class CLIPEmbedder:
                 n_caps += int(present[todo[start]].sum())
                 start += 1
             texts = [str(c) for i in group for c in captions[i][present[i]]]
-            emb = self.encode_text(texts)
+            emb = self.encode_text(texts).cpu()
             offset = 0
             for i in group:
                 k = int(present[i].sum())
-                out[i] = emb[offset:offset + k].mean(dim=0).cpu().numpy()
+                out[i] = emb[offset:offset + k].mean(dim=0).numpy()
                 offset += k
             bar.update(len(group))
         bar.close()
