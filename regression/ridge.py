@@ -10,6 +10,8 @@ Notation (C = centred by the training mean, λ the eigenvalues, both regimes sha
 
     dual   (n <= p):  K = Xc Xcᵀ = U diag(λ) Uᵀ        F = Xcᵀ U  (p, n),  B = U       (n, n)
     primal (n >  p):  Xcᵀ Xc   = V diag(λ) Vᵀ        F = V      (p, p),  B = Xc V    (n, p)
+    (in the dual form F is applied as Xcᵀ U on the fly: storing Xc costs the same as F and saves
+    the p·n² product at fit time)
     prediction:       Ŷt = (Xt − x̄) F diag(1/(λ+α)) Bᵀ (Y − ȳ) + ȳ
 
 so a test prediction is ``M_α @ Yc`` with ``M_α = (Xt − x̄) F diag(1/(λ+α)) Bᵀ`` of shape
@@ -124,7 +126,7 @@ class MultiTargetRidge:
         to ~1e-12; float32 on a GPU is faster but the eigendecomposition loses digits).
     max_memory_gb : budget for the per-chunk working memory of the pass over target columns
         (target chunk copies, device buffers, outputs of one chunk).  The decomposition itself
-        (x̄, λ, F, B: about (n + p)·min(n, p) numbers) and the returned predictions are extra.
+        (x̄, λ, B and Xc or V: about (n + p)·min(n, p) numbers) and the returned predictions are extra.
     rescale : apply Brain-Diffuser's transductive post-hoc rescaling (:func:`rescale_predictions`)
         in :meth:`predict`.  The statistics of the training targets are computed in the same
         chunked pass that predicts, so each target column is read once.
@@ -139,8 +141,9 @@ class MultiTargetRidge:
     Attributes after ``fit``
     ------------------------
     alphas_ : {group: float} alphas in use; cv_scores_ : {group: (n_cv,) mean LOO MSE} (CV only);
-    solver_ : "dual" | "primal"; x_mean_ : (p,); eigvals_ : (r,); feature_basis_ : (p, r) F;
-    sample_basis_ : (n, r) B; targets_ : {group: (n, T) view of the caller's array, NOT a copy —
+    solver_ : "dual" | "primal"; x_mean_ : (p,); eigvals_ : (r,); sample_basis_ : (n, r) B;
+    train_centred_ : (n, p) Xc (dual form) or feature_basis_ : (p, p) V (primal form);
+    targets_ : {group: (n, T) view of the caller's array, NOT a copy —
     do not modify the target arrays between ``fit`` and ``predict``}; target_shapes_ :
     {group: trailing shape}; n_samples_, n_features_in_.
     """
@@ -174,14 +177,16 @@ class MultiTargetRidge:
         Xc -= x_mean
         if n <= p:  # kernel form: eigh of the n × n Gram matrix
             lam, U = torch.linalg.eigh(Xc @ Xc.T)
-            feature_basis, sample_basis, self.solver_ = Xc.T @ U, U, "dual"
+            self.solver_, self.sample_basis_, self.train_centred_ = "dual", U, Xc
+            self.__dict__.pop("feature_basis_", None)
         else:  # primal form: eigh of the p × p covariance, same prediction formula
             lam, V = torch.linalg.eigh(Xc.T @ Xc)
-            feature_basis, sample_basis, self.solver_ = V, Xc @ V, "primal"
-        del Xc
+            self.solver_, self.sample_basis_, self.feature_basis_ = "primal", Xc @ V, V
+            self.__dict__.pop("train_centred_", None)
+            del Xc
         # K is PSD; round-off can make the smallest eigenvalues slightly negative.
         self.eigvals_ = lam.clamp_(min=0)
-        self.x_mean_, self.feature_basis_, self.sample_basis_ = x_mean, feature_basis, sample_basis
+        self.x_mean_ = x_mean
         self.n_samples_, self.n_features_in_ = n, p
         self.device_, self.dtype_ = device, dtype
 
@@ -209,7 +214,7 @@ class MultiTargetRidge:
             raise UserError(f"X_test has {Xt.shape[1]} voxels but the model was fitted on "
                             f"{self.n_features_in_}")
         dev, dt = self.device_, self.dtype_
-        proj = (torch.as_tensor(np.asarray(Xt), device=dev).to(dt) - self.x_mean_) @ self.feature_basis_
+        proj = self._times_F(torch.as_tensor(np.asarray(Xt), device=dev).to(dt) - self.x_mean_)
         operators: dict[float, torch.Tensor] = {}  # one (n_test, n) operator per distinct alpha
         out = {}
         n_test = Xt.shape[0]
@@ -343,6 +348,18 @@ class MultiTargetRidge:
         if name not in self.targets_:
             raise UserError(f"unknown target group '{name}' (fitted: {sorted(self.targets_)})")
 
+    def _times_F(self, Z: torch.Tensor) -> torch.Tensor:
+        """(m, p) -> Z F (m, r)."""
+        if self.solver_ == "dual":
+            return (Z @ self.train_centred_.T) @ self.sample_basis_
+        return Z @ self.feature_basis_
+
+    def _F_times(self, A: torch.Tensor) -> torch.Tensor:
+        """(r, c) -> F A (p, c)."""
+        if self.solver_ == "dual":
+            return self.train_centred_.T @ (self.sample_basis_ @ A)
+        return self.feature_basis_ @ A
+
     def _chunk_size(self, per_col_bytes: float, n_cols: int) -> int:
         return int(max(1, min(n_cols, self.max_memory_gb * 2**30 // max(per_col_bytes, 1))))
 
@@ -376,7 +393,7 @@ class MultiTargetRidge:
         per_col = n * (Y.dtype.itemsize + el) + r * el + p * (el + 8)
         inv = 1.0 / (self.eigvals_ + self.alphas_[name])
         for sl, Yc, y_mean, _ in self._iter_centred(name, per_col, "weights"):
-            w = (self.feature_basis_ @ (inv[:, None] * (self.sample_basis_.T @ Yc))).T
+            w = self._F_times(inv[:, None] * (self.sample_basis_.T @ Yc)).T
             yield sl, w, y_mean - w @ self.x_mean_
 
     def _loo_scores(self, name: str, grid: np.ndarray) -> np.ndarray:
