@@ -265,6 +265,13 @@ def roi_keys(bdata, vox_cols: np.ndarray) -> list[str]:
     return keys
 
 
+def roi_list(rois: str | Sequence[str]) -> list[str]:
+    """``'ROI_V1 + ROI_V2'`` or ``['ROI_V1', 'ROI_V2']`` → ``['ROI_V1', 'ROI_V2']`` (a union)."""
+    if isinstance(rois, str):
+        return [r.strip() for r in rois.split("+") if r.strip()]
+    return [str(r) for r in rois]
+
+
 def roi_mask(bdata, rois: str | Sequence[str], path: str | os.PathLike, vox_cols: np.ndarray | None = None,
              missing: str = "error") -> tuple[np.ndarray, list[str]]:
     """Boolean mask over the voxel columns: union of the ROI keys (value 1), and the keys used.
@@ -274,7 +281,7 @@ def roi_mask(bdata, rois: str | Sequence[str], path: str | os.PathLike, vox_cols
     """
     if vox_cols is None:
         vox_cols = voxel_columns(bdata, path)
-    names = [rois] if isinstance(rois, str) else list(rois)
+    names = roi_list(rois)
     if not names:
         raise UserError(f"{path}: empty ROI list")
     keys = set(bdata.metadata.key)
@@ -476,7 +483,8 @@ def prepare_subject(
         file_pattern: file name relative to ``raw_dir`` with ``{subject}`` and ``{session}``.
         sessions: split → session name; splits are some of ``train``, ``test``, ``art``.
             Every listed session must exist (leave ``art`` out for subjects without shapes).
-        roi: ROI metadata key, or several keys whose union is taken (default ``ROI_VC``).
+        roi: ROI metadata key (default ``ROI_VC``), or several keys whose union is taken, as a
+            list or as one string joined by ``+`` (``'ROI_LVC + ROI_HVC'``).
         image_dir: folder searched recursively for ``<label>.<ext>``; default ``raw_dir/images``.
         label_key: per-row key naming the image (vmap), or ``stimulus_id`` (float encoding).
         captions: optional CSV/TSV captions table (``prepare_data.captions_table``); images

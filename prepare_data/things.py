@@ -52,6 +52,7 @@ from prepare_data.deeprecon import (
     average_by_label,
     image_shape,
     load_bdata,
+    roi_list,
     roi_mask,
     voxel_columns,
     write_splits,
@@ -281,7 +282,10 @@ def read_table_source(files: Mapping[str, Path], rois: Sequence[str] | None, pro
             keep = mask[start:start + ROW_CHUNK]
             if keep.any():
                 rows.append(np.asarray(ds[start:start + ROW_CHUNK], dtype=np.float64)[keep])
-        values = np.concatenate(rows, axis=0)[:, cols].T  # (n_trial, n_roi_voxel)
+        values = np.concatenate(rows, axis=0)
+        if not np.array_equal(cols, np.arange(n_col)):
+            values = values[:, cols]
+        values = values.T  # (n_trial, n_roi_voxel)
     return {
         "values": values,
         "trial_type": stim["trial_type"].astype(str).str.strip().tolist(),
@@ -389,7 +393,8 @@ def prepare_subject(
         raw_dir: folder with the table files and/or the BData files (also searched: ``betas_csv/``, ``bdata/``).
         out_dir: the subject's common-format folder (``common_format.subject_dir``).
         subject: 1, '01' or 'sub-01' to find the files; used verbatim (``str(subject)``) in output names.
-        rois: ROI columns/keys whose union is used; None = :data:`DEFAULT_ROIS` (absent ones skipped).
+        rois: ROI columns/keys whose union is used (a list, or one string joined by ``+``);
+            None = :data:`DEFAULT_ROIS`, of which ROIs a subject lacks are skipped with a warning.
         image_dir: folder searched recursively for the stimulus files; default ``raw_dir/images``.
         captions: optional CSV/TSV captions table; images without captions get ``''`` and a warning.
         source: 'tsv' (table format), 'bdata' (Kamitani conversion) or 'auto' (tsv if complete, else bdata).
@@ -407,6 +412,8 @@ def prepare_subject(
         raise UserError(f"source: {source!r} is not one of {list(SOURCES)}")
     name = subject_name(subject)
     tag = str(subject)
+    if rois is not None:
+        rois = roi_list(rois)
 
     # 1. which files
     found = find_sources(raw_dir, subject)

@@ -82,9 +82,13 @@ def test_manifest_records_roi_and_sources(fx, prepared):
     assert len(manifest["sources"]) == 3
 
 
-@pytest.mark.parametrize("roi", ["ROI_V2", ["ROI_V1", "ROI_HVC"], "hcp180_V1"])
-def test_roi_selection_picks_the_flagged_voxel_columns(fx, tmp_path, roi):
-    keys = [roi] if isinstance(roi, str) else roi
+@pytest.mark.parametrize("roi, keys", [
+    ("ROI_V2", ["ROI_V2"]),
+    (["ROI_V1", "ROI_HVC"], ["ROI_V1", "ROI_HVC"]),
+    ("ROI_V3 + ROI_hV4", ["ROI_V3", "ROI_hV4"]),
+    ("hcp180_V1", ["hcp180_V1"]),
+])
+def test_roi_selection_picks_the_flagged_voxel_columns(fx, tmp_path, roi, keys):
     out = tmp_path / "o"
     deeprecon.prepare_subject(fx["raw_dir"], out, "sub-02", roi=roi, sessions={"test": "ImageNetTest"},
                               progress=False)
