@@ -57,7 +57,7 @@ class DeepreconConfig:
     file_pattern: str = "{subject}_{session}_volume_native.h5"
     session_train: str = "ImageNetTraining"
     session_test: str = "ImageNetTest"
-    session_art: str = "ArtificialShapes"
+    session_art: str = "ArtificialShapes"  # '' = no artificial-shape split
     roi: str = "ROI_VC"
     label_key: str = "stimulus_name"
     image_dir: str = ""

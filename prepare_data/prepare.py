@@ -37,7 +37,8 @@ def _options(ctx) -> tuple[callable, dict]:
         s = cfg.deeprecon
         return deeprecon.prepare_subject, dict(
             raw_dir=cfg.resolve_path(s.raw_dir), file_pattern=s.file_pattern,
-            sessions={"train": s.session_train, "test": s.session_test, "art": s.session_art},
+            sessions={k: v for k, v in (("train", s.session_train), ("test", s.session_test),
+                                        ("art", s.session_art)) if v},
             roi=s.roi, image_dir=_path_or_none(cfg, s.image_dir), label_key=s.label_key,
             captions=_path_or_none(cfg, s.captions), image_size=s.image_size or None, progress=ctx.progress)
     if name == "things":
@@ -70,7 +71,9 @@ def run(ctx) -> None:
 def outputs(ctx) -> list[Path]:
     from pipeline.common_format import PARTS, manifest_path, part_path
 
-    splits = ["train", "test"] + (["art"] if ctx.cfg.run.dataset == "deeprecon" else [])
+    splits = ["train", "test"]
+    if ctx.cfg.run.dataset == "deeprecon" and ctx.cfg.deeprecon.session_art:
+        splits.append("art")
     d = ctx.layout.data_dir
     return [manifest_path(d)] + [part_path(d, s, p, ctx.subject) for s in splits for p in PARTS]
 

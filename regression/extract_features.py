@@ -50,7 +50,9 @@ def _clip_features(encode, items, path, desc, progress):
 
 
 def _warn_missing_captions(cap: np.ndarray, split: str) -> None:
-    empty = int((np.char.str_len(cap) == 0).all(axis=1).sum())
+    from models.clip import images_without_captions
+
+    empty = int(np.count_nonzero(images_without_captions(cap)))
     if empty:
         log.warning("[features] %d %s images have no caption; their CLIP-text target is the empty-text "
                     "embedding", empty, split)
