@@ -140,6 +140,29 @@ class EvaluateConfig:
 
 
 @dataclass
+class ICNNConfig:
+    """iCNN baseline (Shen et al. 2019): VGG19 feature decoding + deep-generator reconstruction."""
+
+    layers: list[str] = field(default_factory=lambda: [
+        "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv3_4",
+        "conv4_1", "conv4_2", "conv4_3", "conv4_4", "conv5_1", "conv5_2", "conv5_3", "conv5_4",
+        "fc6", "fc7", "fc8"])
+    alpha: float = 100.0  # ridge penalty of the feature decoders
+    n_voxels: int = 500  # voxels selected per feature unit (fastl2lir); 0 = all voxels
+    n_iter: int = 500
+    image_size: int = 224
+    lr_start: float = 2.0
+    lr_end: float = 1e-10
+    momentum_start: float = 0.9
+    momentum_end: float = 0.9
+    decay_start: float = 0.01
+    decay_end: float = 0.01
+    seed: int = 0
+    vgg19: str = "icnn/vgg19.pt"  # relative to paths.weights_dir
+    generator: str = "icnn/generator_relu7.pt"
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -153,6 +176,7 @@ class Config:
     vdvae_init: VDVAEInitConfig = field(default_factory=VDVAEInitConfig)
     versatile: VersatileConfig = field(default_factory=VersatileConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    icnn: ICNNConfig = field(default_factory=ICNNConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
