@@ -34,5 +34,8 @@ def versatile(cfg: Config, device: str = "cpu", dtype: torch.dtype = torch.float
     from models import versatile as m
 
     if cfg.run.tiny_models:
-        return m.tiny_versatile(seed=TINY_SEED).to(device=device, dtype=dtype)
+        components = m.tiny_versatile(seed=TINY_SEED)
+        components.image_unet.to(device=device, **({"dtype": dtype} if dtype != torch.float32 else {}))
+        components.vae.to(device=device)
+        return components
     return m.load_versatile(cfg.resolve_path(cfg.models.versatile, "weights_dir"), device=device, dtype=dtype)
