@@ -225,12 +225,13 @@ class MultiTargetRidge:
             op = operators[alpha]
             pred = np.empty((n_test, Y.shape[1]), dtype=np.float32)
             el = _itemsize(dt)
-            per_col = self.n_samples_ * (Y.dtype.itemsize + el) + n_test * (3 * el + 4)
+            per_col = self.n_samples_ * (Y.dtype.itemsize + el) + n_test * (6 * el + 4)
             for sl, Yc, y_mean, y_std in self._iter_centred(name, per_col, "predict"):
                 chunk = op @ Yc + y_mean
                 if self.rescale:
                     chunk = _rescale_torch(chunk, y_mean, y_std)
                 pred[:, sl] = chunk.to(torch.float32).cpu().numpy()
+                del Yc, chunk  # free this chunk before the next one is read
             out[name] = pred.reshape((n_test,) + self.target_shapes_[name])
         return out
 
@@ -254,6 +255,7 @@ class MultiTargetRidge:
         for sl, w, b in self._iter_coef(name):
             weight[sl] = w.to(torch.float32).cpu().numpy()
             intercept[sl] = b.to(torch.float32).cpu().numpy()
+            del w
         shape = self.target_shapes_[name]
         return weight.reshape(shape + (self.n_features_in_,)), intercept.reshape(shape)
 
@@ -294,6 +296,7 @@ class MultiTargetRidge:
                 for sl, w, b in self._iter_coef(name):
                     fh.write(np.ascontiguousarray(w.cpu().numpy(), dtype=dtype).tobytes())
                     bias[sl] = b.cpu().numpy()
+                    del w
                 fh.write(bias.tobytes())
         return Path(path)
 
@@ -373,17 +376,18 @@ class MultiTargetRidge:
         for s in tqdm(starts, desc=f"ridge {what} {name}", unit="chunk", leave=False,
                       disable=not self.progress or len(starts) == 1):
             sl = slice(s, min(s + c, T))
-            block = np.asarray(Y[:, sl])
-            if not np.isfinite(block).all():
-                raise UserError(f"target '{name}': NaN or inf in columns {sl.start}..{sl.stop - 1} "
-                                f"of the flattened target")
             # torch.tensor always copies: centring in place must never touch the caller's array
-            Yc = torch.tensor(block, device=self.device_, dtype=self.dtype_)
-            del block
-            y_mean = Yc.mean(dim=0)
+            Yc = torch.tensor(np.asarray(Y[:, sl]), device=self.device_, dtype=self.dtype_)
+            y_mean = Yc.mean(dim=0)  # NaN/inf propagate into the column mean: a check without a mask
+            bad = ~torch.isfinite(y_mean)
+            if bad.any():
+                col = sl.start + int(torch.nonzero(bad)[0])
+                raise UserError(f"target '{name}': NaN or inf in column {col} of the flattened target "
+                                f"(trailing shape {self.target_shapes_[name]})")
             Yc -= y_mean
-            y_std = Yc.square().mean(dim=0).sqrt_()
+            y_std = torch.linalg.vector_norm(Yc, dim=0) / math.sqrt(Yc.shape[0])  # ddof=0, no temp
             yield sl, Yc, y_mean, y_std
+            del Yc  # callers drop theirs too, so only one chunk is ever alive
 
     def _iter_coef(self, name: str) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Yield (rows, W chunk (c, p), intercept chunk (c,)): W = (F diag(1/(λ+α)) Bᵀ Yc)ᵀ."""
@@ -394,7 +398,9 @@ class MultiTargetRidge:
         inv = 1.0 / (self.eigvals_ + self.alphas_[name])
         for sl, Yc, y_mean, _ in self._iter_centred(name, per_col, "weights"):
             w = self._F_times(inv[:, None] * (self.sample_basis_.T @ Yc)).T
+            del Yc
             yield sl, w, y_mean - w @ self.x_mean_
+            del w
 
     def _loo_scores(self, name: str, grid: np.ndarray) -> np.ndarray:
         """Mean squared leave-one-out error of the group for each alpha in ``grid``.
@@ -408,7 +414,7 @@ class MultiTargetRidge:
         EB = E * B  # (n, r); diag(H) = 1/n + EB @ (1/(λ+α))
         n, r = B.shape
         el = _itemsize(self.dtype_)
-        per_col = n * (self.targets_[name].dtype.itemsize + 3 * el) + r * el * 2
+        per_col = n * (self.targets_[name].dtype.itemsize + 4 * el) + r * el * 2
         sse = np.zeros(len(grid))
         for _, Yc, _, _ in self._iter_centred(name, per_col, "cv"):
             G = B.T @ Yc
@@ -417,6 +423,8 @@ class MultiTargetRidge:
                 h = 1.0 / n + EB @ inv
                 resid = (Yc - E @ (inv[:, None] * G)) / (1.0 - h)[:, None]
                 sse[i] += float(resid.square().sum())
+                del resid
+            del Yc, G
         return sse / (n * self.targets_[name].shape[1])
 
 
