@@ -214,7 +214,7 @@ class MultiTargetRidge:
             raise UserError(f"X_test has {Xt.shape[1]} voxels but the model was fitted on "
                             f"{self.n_features_in_}")
         dev, dt = self.device_, self.dtype_
-        proj = self._times_F(torch.as_tensor(np.asarray(Xt), device=dev).to(dt) - self.x_mean_)
+        proj = self._times_F(torch.tensor(np.asarray(Xt), device=dev, dtype=dt) - self.x_mean_)
         operators: dict[float, torch.Tensor] = {}  # one (n_test, n) operator per distinct alpha
         out = {}
         n_test = Xt.shape[0]
