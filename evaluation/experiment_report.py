@@ -1,0 +1,100 @@
+"""Tables and plots of one experiment grid (re_recon_main.py --report).
+
+Under ``<results_dir>/experiments/<experiment>/``: ``metrics_long.csv`` (subject × variant × metric),
+``metrics_summary.{csv,json}`` (mean ± s.e.m. across subjects), bar plots per image set, for
+dropout-style grids a plot of every metric against the training fraction per selection method
+with the full-data baseline, and per subject a grid of example reconstructions across variants.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import experiment as ex
+from pipeline import io
+from pipeline.layout import Layout
+
+
+def _label(spec) -> str:
+    params = dict(spec.params)
+    extra = [str(params[k]) for k in ("space", "subset") if k in params]
+    return "-".join([spec.method, *extra])
+
+
+def fraction_plot(path: Path, rows: list[dict], images: str) -> Path | None:
+    """Metric vs training fraction, one line per selection method, mean ± s.e.m. across subjects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.metrics import HIGHER_IS_BETTER
+
+    rows = [r for r in rows if r["images"] == images and r["metric"] in HIGHER_IS_BETTER]
+    if not any(r["fraction"] is not None for r in rows):
+        return None
+    metrics = [m for m in HIGHER_IS_BETTER if any(r["metric"] == m for r in rows)]
+    methods = sorted({r["method_label"] for r in rows if r["fraction"] is not None})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        base = [r["value"] for r in rows if r["metric"] == m and r["variant"] == "base"]
+        for k, method in enumerate(methods):
+            pts: dict[float, list[float]] = {}
+            for r in rows:
+                if r["metric"] == m and r["method_label"] == method and r["fraction"] is not None:
+                    pts.setdefault(float(r["fraction"]), []).append(r["value"])
+            if base:
+                pts.setdefault(1.0, []).extend(base)
+            xs = sorted(pts)
+            mean = [np.mean(pts[x]) for x in xs]
+            sem = [np.std(pts[x], ddof=1) / np.sqrt(len(pts[x])) if len(pts[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, mean, yerr=sem, marker="o", ms=3, capsize=2, label=method, color=f"C{k}")
+        if base:
+            ax.axhline(np.mean(base), color="gray", ls="--", lw=0.8)
+        ax.set_title(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", fontsize=9)
+        ax.set_xlabel("training fraction", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{images}: metric vs training fraction (dashed: full data)", fontsize=10)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
+    from evaluation.qualitative_eval import variant_grid
+    from evaluation.quantitative_eval import _write_csv, long_table, write_summary
+    from pipeline.common_format import read_split
+
+    cfg0 = exp.config(list(extra_overrides), list(extra_configs))
+    out = Path(cfg0.paths.results_dir).expanduser() / "experiments" / exp.name
+    records, specs, layouts = [], {}, {}
+    for task in tasks:
+        cfg = ex.task_config(exp, task, extra_configs, extra_overrides)
+        layout = Layout(cfg, task.subject, task.variant.name)
+        path = layout.eval_dir() / "metrics.json"
+        if path.is_file():
+            records.append(io.load_json(path))
+            specs[task.variant.name] = task.variant
+            layouts.setdefault(task.subject, {})[task.variant.name] = layout
+    if not records:
+        io.save_json(out / "metrics_summary.json", {"runs": [], "summary": []})
+        return out
+    write_summary(out, records)
+    rows = long_table(records)
+    for r in rows:
+        spec = specs[r["variant"]]
+        params = dict(spec.params)
+        r["method"] = spec.method
+        r["method_label"] = _label(spec)
+        r["fraction"] = params.get("fraction")
+    _write_csv(out / "metrics_long.csv", rows)
+    for images in sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")}):
+        fraction_plot(out / f"fraction_{images}.png", rows, images)
+    for subject, by_variant in layouts.items():
+        any_layout = next(iter(by_variant.values()))
+        gts = read_split(any_layout.base.data_dir, "test", subject, parts=("stim",)).stim
+        variant_grid(out / f"grid_sub{subject}.png", np.asarray(gts), by_variant)
+    return out
