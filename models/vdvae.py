@@ -84,7 +84,7 @@ class VDVAEConfig:
 
     @classmethod
     def tiny(cls) -> "VDVAEConfig":
-        """A few-thousand-parameter model with the same code paths, for tests and demos.
+        """A ~120k-parameter model with the same code paths, for tests and demos.
 
         Five resolutions (1, 4, 16, 32, 64), three mixins, 1x1 and 3x3 blocks and a custom
         width (32 channels at resolutions 1 and 4, 16 elsewhere) so channel padding and slicing
@@ -618,7 +618,7 @@ def extract_latents(model: VDVAE, images_uint8, n_groups: int | None = None, bat
     bar = _progress(n, n > batch_size if progress is None else progress, "VDVAE encode")
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        x = preprocess(np.asarray(images_uint8[start:stop]), config.image_size).to(device=device, dtype=dtype)
+        x = preprocess(np.ascontiguousarray(images_uint8[start:stop]), config.image_size).to(device=device, dtype=dtype)
         acts = model.encoder(x)
         noise = PerImageNoise(all_seeds[start:stop]) if posterior == "sample" else None
         zs = model.decoder.posterior_latents(acts, n_groups, noise)
@@ -659,7 +659,7 @@ def decode_latents(model: VDVAE, latents: np.ndarray, n_groups: int | None = Non
     bar = _progress(n, n > batch_size if progress is None else progress, "VDVAE decode")
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = torch.as_tensor(np.asarray(latents[start:stop], dtype=np.float32))
+        batch = torch.from_numpy(np.ascontiguousarray(latents[start:stop], dtype=np.float32))
         groups = [g.to(device=device, dtype=dtype) for g in split_latents(batch, shapes)]
         noise = PerImageNoise(all_seeds[start:stop])
         px_z = model.decoder.forward_manual_latents(groups, noise, temperature)

@@ -26,6 +26,15 @@ from models.vdvae import (
 from pipeline.errors import UserError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny convs are far faster single-threaded (no oversubscription on shared CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return random_init_(VDVAE(VDVAEConfig.tiny()), seed=0).eval()
@@ -239,19 +248,15 @@ def _dmol_numpy(params, k, u_mix, u_log):
             for x in range(w):
                 p = params[a, y, x].astype(np.float64)
                 j = int(np.argmax(p[:k] - np.log(-np.log(u_mix[a, y, x]))))
-                vals = []
-                for c in range(3):
-                    q = p[k + c * 3 * k: k + (c + 1) * 3 * k]
-                    mean, log_s, coef = q[j], max(q[k + j], -7.0), np.tanh(q[2 * k + j])
+                colour = [p[k + c * 3 * k: k + (c + 1) * 3 * k] for c in range(3)]  # means, log-scales, coeffs
+                raw, coef = [], []
+                for c, q in enumerate(colour):
                     u = u_log[a, y, x, c]
-                    vals.append((mean + np.exp(log_s) * (np.log(u) - np.log(1 - u)), coef))
-                (xr, _), (xg, c0), (xb, c1) = vals
-                c2 = np.tanh(p[k + 2 * 3 * k + 2 * k + j])  # third colour's third coefficient
-                c0 = np.tanh(p[k + 0 * 3 * k + 2 * k + j])  # coefficients are taken per colour slot
-                c1 = np.tanh(p[k + 1 * 3 * k + 2 * k + j])
-                r = np.clip(xr, -1, 1)
-                g = np.clip(xg + c0 * r, -1, 1)
-                b = np.clip(xb + c1 * r + c2 * g, -1, 1)
+                    raw.append(q[j] + np.exp(max(q[k + j], -7.0)) * (np.log(u) - np.log(1 - u)))
+                    coef.append(np.tanh(q[2 * k + j]))
+                r = np.clip(raw[0], -1, 1)
+                g = np.clip(raw[1] + coef[0] * r, -1, 1)
+                b = np.clip(raw[2] + coef[1] * r + coef[2] * g, -1, 1)
                 out[a, y, x] = (r, g, b)
     return out
 
