@@ -52,12 +52,38 @@ def _decoder_metrics(layout) -> dict:
         pred = io.load_npy(pred_path)
         true = io.load_npy(true_path)
         scores = evaluate_decoder(pred.reshape(len(pred), -1), true.reshape(len(true), -1))
-        out[target] = {k: float(np.nanmean(v)) if isinstance(v, np.ndarray) else v for k, v in scores.items()}
+        out[target] = {k: float(v) for k, v in scores.items()
+                       if k in ("pattern_correlation", "profile_correlation", "identification_accuracy")}
     return out
 
 
+def _gt_features(ctx, gts: np.ndarray, networks: dict) -> dict[str, np.ndarray]:
+    """Network features of the test images, cached once per subject and profile (every variant
+    of a subject shares the test set); the cache is keyed by the images and the weights used."""
+    import hashlib
+    import json
+
+    from evaluation.metrics import extract_features
+    from pipeline.provenance import file_digest
+
+    e = ctx.cfg.evaluate
+    key = json.dumps({"profile": e.profile, "weights": {k: getattr(v, "weights", "") for k, v in networks.items()},
+                      "stim": file_digest(part_path(ctx.layout.base.data_dir, "test", "stim", ctx.subject))},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = ctx.layout.base.eval_dir() / f"gt_features_{e.profile}_{digest}.npz"
+    if path.is_file() and not ctx.force:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    feats = extract_features(gts, networks, profile=e.profile, batch_size=e.batch_size, progress=ctx.progress)
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **feats)
+    return feats
+
+
 def run(ctx) -> None:
-    from evaluation.metrics import METRICS, compute_metrics, extract_features
+    from evaluation.metrics import METRICS, compute_metrics
     from evaluation.networks import load_eval_networks
     from evaluation.qualitative_eval import save_grid
 
@@ -70,8 +96,7 @@ def run(ctx) -> None:
     if not kinds:
         raise UserError(f"{layout.images('versatile')}: no complete set of {n} reconstructions to evaluate")
     networks = load_eval_networks(cfg.paths.weights_dir, ctx.device, tiny=cfg.run.tiny_models, profile=e.profile)
-    gt_features = extract_features(np.asarray(gts), networks, profile=e.profile, batch_size=e.batch_size,
-                                   progress=ctx.progress)
+    gt_features = _gt_features(ctx, np.asarray(gts), networks)
     results, rows = {}, []
     out = layout.eval_dir()
     for kind, paths in kinds.items():
