@@ -39,7 +39,10 @@ def load_init_images(paths: list[Path], size: int | None = None) -> np.ndarray:
     for p in paths:
         if not p.is_file():
             raise UserError(f"{p}: init image not found (run the vdvae_init step)")
-        img = Image.open(p).convert("RGB")
+        try:
+            img = Image.open(p).convert("RGB")
+        except OSError as exc:
+            raise UserError(f"{p}: not a readable image ({exc}); rerun vdvae_init with --force") from None
         if size and img.size != (size, size):
             img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
         out.append(np.asarray(img, dtype=np.uint8))

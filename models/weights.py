@@ -1,0 +1,74 @@
+"""``make weights``: every real weight file the pipeline loads, where it lives and where it comes from.
+
+    python -m models.weights --weights-dir weights --dry-run    # what is missing, and sizes
+    python -m models.weights --weights-dir weights              # fetch what is missing (resumable)
+    python -m models.weights --only vdvae clip                  # a subset
+
+Files land at the paths the config expects by default (``[models]`` and the evaluation networks'
+file names), so no path needs editing afterwards. Downloads resume from ``.part`` files and a file
+appears only when complete (the same transport as the NSD downloader).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+from prepare_data.download_nsd import RemoteFile, download
+
+HF = "https://huggingface.co/{repo}/resolve/main/{file}"
+VDVAE_URL = ("https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/vdvae-assets-2/"
+             "imagenet64-iter-1600000-model-ema.th")
+
+CLIP_REPO = "openai/clip-vit-large-patch14"
+CLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+              "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+VD_REPO = "shi-labs/versatile-diffusion"
+VD_FILES = ("model_index.json", "scheduler/scheduler_config.json",
+            "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+            "image_unet/config.json", "image_unet/diffusion_pytorch_model.safetensors",
+            "text_unet/config.json", "text_unet/diffusion_pytorch_model.safetensors")
+
+
+def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
+    """Weight groups → files (keys relative to ``weights_dir``) with their URLs."""
+    from evaluation.networks import WEIGHT_FILES
+    from pipeline.config import ModelsConfig
+
+    m = models_cfg or ModelsConfig()
+    return {
+        "vdvae": [RemoteFile(m.vdvae, url=VDVAE_URL)],
+        "clip": [RemoteFile(f"{m.clip}/{f}", url=HF.format(repo=CLIP_REPO, file=f)) for f in CLIP_FILES],
+        "versatile": [RemoteFile(f"{m.versatile}/{f}", url=HF.format(repo=VD_REPO, file=f)) for f in VD_FILES],
+        "eval": [RemoteFile(w.filename, url=w.url) for w in WEIGHT_FILES.values()],
+    }
+
+
+def main(argv=None) -> int:
+    from pipeline.cli import guarded
+
+    p = argparse.ArgumentParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR", "weights"))
+    p.add_argument("--only", nargs="+", choices=("vdvae", "clip", "versatile", "eval"), default=None)
+    p.add_argument("--dry-run", action="store_true", help="list files, sizes and what is present")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go():
+        chosen = groups()
+        files = [f for name, fs in chosen.items() if not args.only or name in args.only for f in fs]
+        status = download(files, Path(args.weights_dir), dry_run=args.dry_run)
+        if not args.dry_run:
+            bad = [k for k, s in status.items() if s not in ("skipped", "resumed", "downloaded")]
+            if bad:
+                raise UserError(f"{bad[0]}: could not be fetched")
+            print(f"weights complete in {args.weights_dir}")
+
+    return guarded(go, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
