@@ -148,7 +148,10 @@ class ICNNConfig:
         "conv4_1", "conv4_2", "conv4_3", "conv4_4", "conv5_1", "conv5_2", "conv5_3", "conv5_4",
         "fc6", "fc7", "fc8"])
     alpha: float = 100.0  # ridge penalty of the feature decoders
-    n_voxels: int = 500  # voxels selected per feature unit (fastl2lir); 0 = all voxels
+    # 0 = all voxels, one MultiTargetRidge decomposition for every layer (default: hours → minutes);
+    # > 0 = the lab's fastl2lir decoder with this many voxels selected per unit (500 in the lab;
+    # one small solve per unit, ~15M units for all 19 layers: only practical for fc layers or tests)
+    n_voxels: int = 0
     n_iter: int = 500
     image_size: int = 224
     lr_start: float = 2.0
@@ -160,6 +163,9 @@ class ICNNConfig:
     seed: int = 0
     vgg19: str = "icnn/vgg19.pt"  # relative to paths.weights_dir
     generator: str = "icnn/generator_relu7.pt"
+    generator_bound: str = "icnn/generator_relu7_act_range_3x.txt"  # '' = no upper clip of the code
+    batch_size: int = 8  # test images optimised together (independent per image)
+    feature_batch_size: int = 16  # images per VGG19 forward when extracting features
 
 
 @dataclass
