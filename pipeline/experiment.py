@@ -88,11 +88,11 @@ def _build_plain(layout, cfg, subset: str, fraction: float = 0.25):
 
 
 def _build_captions(layout, cfg, file: str):
-    """Training captions from a caption-variant file (e.g. written by ai_captions/generate.py)."""
+    """Training captions from a caption-variant file (ai_captions/generate.py), relative to data_dir."""
     from ai_captions.variants import load_caption_variant
 
     ids = _train(layout, ("ids",)).ids
-    return {"captions": load_caption_variant(cfg.resolve_path(file), ids)}
+    return {"captions": load_caption_variant(cfg.resolve_path(file, "data_dir"), ids)}
 
 
 def _build_shuffled_captions(layout, cfg, seed: int = 0):
@@ -102,11 +102,11 @@ def _build_shuffled_captions(layout, cfg, seed: int = 0):
 
 
 def _build_perturbed(layout, cfg, file: str, copy: int = 0):
-    """Training images for CLIP-vision from a perturbation file (adv_pert/perturb.py)."""
+    """Training images for CLIP-vision from a perturbation file (adv_pert/perturb.py), relative to data_dir."""
     from adv_pert.perturb import load_perturbed
 
     ids = _train(layout, ("ids",)).ids
-    return {"stim_clipvision": load_perturbed(cfg.resolve_path(file), ids, int(copy))}
+    return {"stim_clipvision": load_perturbed(cfg.resolve_path(file, "data_dir"), ids, int(copy))}
 
 
 def _build_settings(layout, cfg):
@@ -164,7 +164,11 @@ class Task:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and ("/" in value or value.endswith(".npy")):
+        return Path(value).stem  # a variant file: its name, not its folder
+    return str(value)
 
 
 def variant_name(method: str, params: dict[str, Any]) -> str:

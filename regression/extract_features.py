@@ -96,7 +96,8 @@ def _run_variant(ctx) -> None:
         _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=bs), variant.captions,
                        ctx.layout.features("cliptext", "train"), "CLIP-text train (variant)", ctx.progress)
     if variant.stim_clipvision is not None:
-        _clip_features(lambda s: clip.encode_images(s, batch_size=bs), variant.stim_clipvision,
+        # perturbation sets are already CLIP inputs (224 px): no 512 px detour that would blur them
+        _clip_features(lambda s: clip.encode_images(s, batch_size=bs, reference_resize=False), variant.stim_clipvision,
                        ctx.layout.features("clipvision", "train"), "CLIP-vision train (variant)", ctx.progress)
 
 
