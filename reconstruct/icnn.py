@@ -419,16 +419,24 @@ def _n_images(layout, split: str, subject: str) -> int:
     return int(io.load_npy(p, mmap_mode="r").shape[0])
 
 
-def _feature_state(cfg, layers) -> dict:
-    c = cfg.icnn
+def _digests(layout, subject, part: str) -> dict:
+    """Quick content digests of the train/test ``part`` files (a re-prepared dataset invalidates)."""
+    from pipeline.provenance import file_digest
+
+    return {s: file_digest(part_path(layout.base.data_dir, s, part, subject)) for s in ("train", "test")}
+
+
+def _feature_state(ctx, layers) -> dict:
+    cfg, c = ctx.cfg, ctx.cfg.icnn
     return {"layers": list(layers), "image_size": c.image_size, "mean_bgr": list(IMAGE_MEAN_BGR),
-            "encoder": "tiny" if cfg.run.tiny_models else c.vgg19}
+            "encoder": "tiny" if cfg.run.tiny_models else c.vgg19,
+            "stim": _digests(ctx.layout, ctx.subject, "stim")}
 
 
 def ensure_features(ctx, encoder: torch.nn.Module, layers: list[str]) -> dict:
     """Stage 1 (base run, once per subject): true features of train/test images + reference SDs."""
-    cfg, layout, c = ctx.cfg, ctx.layout, ctx.cfg.icnn
-    state = _feature_state(cfg, layers)
+    layout, c = ctx.layout, ctx.cfg.icnn
+    state = _feature_state(ctx, layers)
     state_path = features_dir(layout) / "extract.json"
     files = [feature_path(layout, l, s) for l in layers for s in ("train", "test")]
     ref_path = features_dir(layout) / "reference_std.json"
@@ -461,8 +469,7 @@ def _decode_state(ctx, layers, n_train: int) -> dict:
     idx = None if variant.indices is None else _digest(variant.indices.tolist())
     feats = io.load_json(features_dir(ctx.layout) / "extract.json")
     return {"alpha": c.alpha, "n_voxels": c.n_voxels, "layers": list(layers), "indices": idx,
-            "features": _digest(feats), "fmri": [str(part_path(ctx.layout.base.data_dir, s, "fmri", ctx.subject))
-                                                 for s in ("train", "test")]}
+            "features": _digest(feats), "fmri": _digests(ctx.layout, ctx.subject, "fmri")}
 
 
 def ensure_decoded(ctx, layers: list[str]) -> bool:

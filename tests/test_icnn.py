@@ -288,3 +288,16 @@ def test_weight_files_load_strictly_and_refuse_pickled_modules(tmp_path):
     with pytest.raises(UserError, match="expected 4096"):
         m.load_upper_bound(bound)
     np.testing.assert_array_equal(m.load_upper_bound(bound, latent_dim=10), np.full(10, 1.5, np.float32))
+
+
+def test_fits_the_step_runner(synthetic):
+    from pipeline.runner import StepSpec, is_complete, run_step
+
+    spec = StepSpec("icnn", "reconstruct.icnn", ("icnn", "run.tiny_models"), "iCNN baseline")
+    cfg = _config(synthetic)
+    ctx = Context(cfg, Layout(cfg, "1"), device="cpu", progress=False)
+    assert run_step(spec, ctx) is True  # writes the completion record (work already on disk is reused)
+    assert is_complete(spec, ctx) == (True, "complete")
+    assert run_step(spec, ctx) is False
+    cfg2 = _config(synthetic, "icnn.alpha=50")
+    assert is_complete(spec, Context(cfg2, Layout(cfg2, "1"), device="cpu")) == (False, "configuration changed")
