@@ -473,6 +473,7 @@ def compute_metrics(
         **asdict(settings),
         "ssim_variant": variant,
         "weights": {name: net.weights for name, net in networks.items()},
+        "dtypes": {name: str(net.dtype).removeprefix("torch.") for name, net in nets.items()},
     }
     if return_features:
         result["features"] = features

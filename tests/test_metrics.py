@@ -136,6 +136,7 @@ def test_result_records_profile_and_all_metrics(bd_result):
         assert bd_result[m] == pytest.approx(bd_result["per_image"][m].mean())
     assert set(bd_result["identification_p"]) == {"AlexNet(2)", "AlexNet(5)", "Inception", "CLIP"}
     assert bd_result["settings"]["weights"]["alexnet"] == "random(seed=0)"
+    assert bd_result["settings"]["dtypes"]["clip"] == "float32"
 
 
 def test_pixcorr_and_ssim_braindiffuser_by_hand(bd_result, recons, gts):
