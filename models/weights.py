@@ -33,6 +33,13 @@ VD_FILES = ("model_index.json", "scheduler/scheduler_config.json",
             "text_unet/config.json", "text_unet/diffusion_pytorch_model.safetensors")
 
 
+ICNN_ARCHIVES = {  # the Kamitani lab's PyTorch conversions; unpack and name the files as [icnn] expects
+    "icnn/VGG_ILSVRC_19_layers.zip": "https://figshare.com/ndownloader/files/38225868",
+    "icnn/bvlc_reference_caffenet_generator_ILSVRC2012_Training.zip":
+        "https://figshare.com/ndownloader/files/38225829",
+}
+
+
 def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
     """Weight groups → files (keys relative to ``weights_dir``) with their URLs."""
     from evaluation.networks import WEIGHT_FILES
@@ -44,6 +51,7 @@ def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
         "clip": [RemoteFile(f"{m.clip}/{f}", url=HF.format(repo=CLIP_REPO, file=f)) for f in CLIP_FILES],
         "versatile": [RemoteFile(f"{m.versatile}/{f}", url=HF.format(repo=VD_REPO, file=f)) for f in VD_FILES],
         "eval": [RemoteFile(w.filename, url=w.url) for w in WEIGHT_FILES.values()],
+        "icnn": [RemoteFile(k, url=u) for k, u in ICNN_ARCHIVES.items()],
     }
 
 
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR", "weights"))
-    p.add_argument("--only", nargs="+", choices=("vdvae", "clip", "versatile", "eval"), default=None)
+    p.add_argument("--only", nargs="+", choices=("vdvae", "clip", "versatile", "eval", "icnn"), default=None)
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and what is present")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
@@ -66,6 +74,9 @@ def main(argv=None) -> int:
             if bad:
                 raise UserError(f"{bad[0]}: could not be fetched")
             print(f"weights complete in {args.weights_dir}")
+            if not args.only or "icnn" in args.only:
+                print("iCNN: unzip the two archives in <weights_dir>/icnn/ and point icnn.vgg19, icnn.generator and "
+                      "icnn.generator_bound at the .pt/.txt files inside (see models/icnn.py)")
 
     return guarded(go, args.debug)
 

@@ -7,6 +7,7 @@
     subjects = ["TH", "AM"]
     configs = ["configs/deeprecon.toml"]   # applied first (relative to the repository root)
     baseline = true                        # also run the unchanged training set ('base')
+    methods = ["braindiffuser", "icnn"]    # optional: the iCNN baseline on every variant too
 
     [set]                                  # config overrides for every task
     "versatile.batch_size" = 8
@@ -45,6 +46,7 @@ log = logging.getLogger("recon")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT_DIR = REPO_ROOT / "configs" / "experiments"
 RUN_STEPS = ("features", "ridge", "vdvae_init", "versatile", "evaluate")
+METHODS = {"braindiffuser": (), "icnn": ("icnn",)}  # extra steps each reconstruction method needs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +148,13 @@ class Experiment:
     overrides: list[str]
     variants: list[VariantSpec]
     executor: dict[str, Any] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: ["braindiffuser"])
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps of every task: Brain-Diffuser's, plus each extra method's, evaluation last."""
+        extra = tuple(s for m in self.methods for s in METHODS[m])
+        return RUN_STEPS[:-1] + extra + RUN_STEPS[-1:]
 
     def config(self, extra_overrides: list[str] = (), extra_configs: list[str] = ()) -> Config:
         return load_config([*self.configs, *extra_configs],
@@ -227,11 +236,16 @@ def load_experiment(name_or_path: str) -> Experiment:
     if dupes:
         raise UserError(f"{path}: duplicate variant names {sorted(dupes)}")
     overrides = [f"{k}={_toml_scalar(v)}" for k, v in data.get("set", {}).items()]
+    methods = head.get("methods", ["braindiffuser"])
+    unknown_methods = [m for m in methods if m not in METHODS]
+    if unknown_methods or "braindiffuser" not in methods:
+        raise UserError(f"{path}: methods must include 'braindiffuser' and may add {sorted(set(METHODS) - {'braindiffuser'})}"
+                        f"; got {methods}")
     return Experiment(
         name=path.stem, path=path, dataset=head["dataset"],
         subjects=[str(s) for s in head.get("subjects", [])] or None,
         configs=[REPO_ROOT / c if not Path(c).is_absolute() else Path(c) for c in head.get("configs", [])],
-        overrides=overrides, variants=variants, executor=data.get("executor", {}))
+        overrides=overrides, variants=variants, executor=data.get("executor", {}), methods=list(methods))
 
 
 def _toml_scalar(v: Any) -> str:
@@ -292,7 +306,7 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
         if task.variant.name != "base":
             run_step(step_spec("features"), Context(cfg, base, device, progress=progress))
             ensure_variant(cfg, layout, task.variant)
-        for name in RUN_STEPS:
+        for name in exp.steps:
             run_step(step_spec(name), Context(cfg, layout, device, progress=progress))
     except BaseException as exc:
         record.update(state="failed", error=f"{type(exc).__name__}: {exc}")
@@ -317,7 +331,7 @@ def task_complete(exp: Experiment, task: Task, extra_configs=(), extra_overrides
     layout = Layout(cfg, task.subject, task.variant.name)
     if not Path(layout.record("evaluate")).is_file():
         return False
-    for name in RUN_STEPS:
+    for name in exp.steps:
         ctx = Context(cfg, layout, "cpu", progress=False)
         try:
             if not is_complete(step_spec(name), ctx)[0]:

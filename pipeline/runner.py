@@ -32,6 +32,7 @@ class StepSpec:
     module: str
     sections: tuple[str, ...]
     help: str
+    default: bool = True  # False: runs only when asked for (--only, or an experiment's methods)
 
     def load(self):
         return importlib.import_module(self.module)
@@ -47,6 +48,8 @@ STEPS: tuple[StepSpec, ...] = (
              "decode predicted VDVAE latents → 64×64 init images (512 px PNG)"),
     StepSpec("versatile", "reconstruct.versatile", ("models", "versatile", "run.tiny_models"),
              "Versatile Diffusion img2img from init images and predicted CLIP embeddings"),
+    StepSpec("icnn", "reconstruct.icnn", ("icnn", "run.tiny_models"),
+             "iCNN baseline: VGG19 features, ridge decoding, relu7-DGN reconstruction (on request)", default=False),
     StepSpec("evaluate", "evaluation.quantitative_eval", ("evaluate", "run.tiny_models"),
              "8 metrics + decoder metrics, CSV/JSON tables and plots"),
 )
@@ -184,8 +187,8 @@ def select_steps(only: list[str] | None = None, start: str | None = None) -> lis
         return [step_spec(n) for n in only]
     if start:
         idx = STEP_NAMES.index(step_spec(start).name)
-        return list(STEPS[idx:])
-    return list(STEPS)
+        return [s for s in STEPS[idx:] if s.default or s.name == start]
+    return [s for s in STEPS if s.default]
 
 
 def list_steps() -> str:
