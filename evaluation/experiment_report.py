@@ -22,8 +22,9 @@ def _label(spec) -> str:
     return "-".join([spec.method, *extra])
 
 
-def fraction_plot(path: Path, rows: list[dict], images: str) -> Path | None:
-    """Metric vs training fraction, one line per selection method, mean ± s.e.m. across subjects."""
+def fraction_plot(path: Path, rows: list[dict], kinds: tuple[str, ...]) -> Path | None:
+    """Metric vs training fraction, one line per (image set, selection method), mean ± s.e.m. across
+    subjects; with several image sets (versatile, icnn) the reconstruction methods share the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,31 +32,31 @@ def fraction_plot(path: Path, rows: list[dict], images: str) -> Path | None:
 
     from evaluation.metrics import HIGHER_IS_BETTER
 
-    rows = [r for r in rows if r["images"] == images and r["metric"] in HIGHER_IS_BETTER]
+    rows = [dict(r, line=f"{r['images']}: {r['method_label']}" if len(kinds) > 1 else r["method_label"])
+            for r in rows if r["images"] in kinds and r["metric"] in HIGHER_IS_BETTER]
     if not any(r["fraction"] is not None for r in rows):
         return None
     metrics = [m for m in HIGHER_IS_BETTER if any(r["metric"] == m for r in rows)]
-    methods = sorted({r["method_label"] for r in rows if r["fraction"] is not None})
+    lines = sorted({(r["images"], r["line"]) for r in rows if r["fraction"] is not None})
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        base = [r["value"] for r in rows if r["metric"] == m and r["variant"] == "base"]
-        for k, method in enumerate(methods):
+        for k, (kind, line) in enumerate(lines):
+            base = [r["value"] for r in rows if r["metric"] == m and r["variant"] == "base" and r["images"] == kind]
             pts: dict[float, list[float]] = {}
             for r in rows:
-                if r["metric"] == m and r["method_label"] == method and r["fraction"] is not None:
+                if r["metric"] == m and r["line"] == line and r["fraction"] is not None:
                     pts.setdefault(float(r["fraction"]), []).append(r["value"])
             if base:
                 pts.setdefault(1.0, []).extend(base)
             xs = sorted(pts)
             mean = [np.mean(pts[x]) for x in xs]
             sem = [np.std(pts[x], ddof=1) / np.sqrt(len(pts[x])) if len(pts[x]) > 1 else 0 for x in xs]
-            ax.errorbar(xs, mean, yerr=sem, marker="o", ms=3, capsize=2, label=method, color=f"C{k}")
-        if base:
-            ax.axhline(np.mean(base), color="gray", ls="--", lw=0.8)
+            ax.errorbar(xs, mean, yerr=sem, marker="o", ms=3, capsize=2, label=line, color=f"C{k}",
+                        ls="-" if kind == kinds[0] else ":")
         ax.set_title(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", fontsize=9)
         ax.set_xlabel("training fraction", fontsize=8)
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"{images}: metric vs training fraction (dashed: full data)", fontsize=10)
+    fig.suptitle(f"{' vs '.join(kinds)}: metric vs training fraction (fraction 1 = full data)", fontsize=10)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -91,8 +92,12 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
         r["method_label"] = _label(spec)
         r["fraction"] = params.get("fraction")
     _write_csv(out / "metrics_long.csv", rows)
-    for images in sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")}):
-        fraction_plot(out / f"fraction_{images}.png", rows, images)
+    kinds = sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")})
+    for kind in kinds:
+        fraction_plot(out / f"fraction_{kind}.png", rows, (kind,))
+    methods = tuple(k for k in ("versatile", "icnn") if k in kinds)
+    if len(methods) > 1:
+        fraction_plot(out / "fraction_comparison.png", rows, methods)
     for subject, by_variant in layouts.items():
         any_layout = next(iter(by_variant.values()))
         gts = read_split(any_layout.base.data_dir, "test", subject, parts=("stim",)).stim

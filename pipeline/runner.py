@@ -72,6 +72,7 @@ class Context:
     device: str = "cpu"
     force: bool = False
     progress: bool = True
+    resume: bool = False  # set by the runner: outputs already on disk were made by this config and inputs
     extras: dict = field(default_factory=dict)
 
     @property
@@ -142,8 +143,27 @@ def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
     return True, "complete"
 
 
+def _started_path(record_path: Path) -> Path:
+    return record_path.with_name(record_path.name.replace(".done.json", ".started.json"))
+
+
+def _matches(path: Path, digest: str, inputs: dict) -> bool:
+    """Does the record at ``path`` describe a run with this config digest and these inputs?"""
+    if not path.is_file():
+        return False
+    try:
+        record = io.load_json(path)
+    except UserError:
+        return False
+    return record.get("config_digest") == digest and record.get("inputs") == inputs
+
+
 def run_step(spec: StepSpec, ctx: Context) -> bool:
-    """Run one step unless complete; returns True when it ran."""
+    """Run one step unless complete; returns True when it ran.
+
+    Outputs already on disk are kept (``ctx.resume``) only when a completion or start record shows
+    they were made with the same config and inputs; otherwise the step starts afresh.
+    """
     mod = spec.load()
     where = f"sub{ctx.subject}/{ctx.variant}"
     if not ctx.force:
@@ -154,9 +174,14 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     else:
         reason = "--force"
     record_path = ctx.layout.record(spec.name)
+    started_path = _started_path(record_path)
+    digest = _section_digest(ctx.cfg, spec.sections)
+    inputs = _input_digests(list(mod.inputs(ctx)))
+    ctx.resume = not ctx.force and (_matches(record_path, digest, inputs) or _matches(started_path, digest, inputs))
     if record_path.exists():
         record_path.unlink()  # a half-redone step must not look complete
-    log.info("[%s] %s: start (%s)", spec.name, where, reason)
+    io.save_json(started_path, {"step": spec.name, "config_digest": digest, "inputs": inputs})
+    log.info("[%s] %s: start (%s%s)", spec.name, where, reason, ", resuming" if ctx.resume else "")
     t0 = time.perf_counter()
     mod.run(ctx)
     elapsed = time.perf_counter() - t0
@@ -167,7 +192,7 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
         "step": spec.name,
         "subject": ctx.subject,
         "variant": ctx.variant,
-        "config_digest": _section_digest(ctx.cfg, spec.sections),
+        "config_digest": digest,
         "inputs": _input_digests(list(mod.inputs(ctx))),
         "outputs": [str(p) for p in mod.outputs(ctx)],
         "seconds": round(elapsed, 3),
@@ -178,6 +203,7 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     out_dir = record_path.parent
     io.save_text(out_dir / "config.toml", to_toml(ctx.cfg))
     io.save_json(record_path, record)
+    started_path.unlink(missing_ok=True)
     log.info("[%s] %s: done in %.1f s", spec.name, where, elapsed)
     return True
 

@@ -22,9 +22,9 @@ from pipeline.errors import UserError
 log = logging.getLogger("recon")
 
 
-def missing_indices(paths: list[Path], force: bool) -> list[int]:
-    """Indices whose output image is absent (all of them when ``force``)."""
-    return list(range(len(paths))) if force else [i for i, p in enumerate(paths) if not p.is_file()]
+def missing_indices(paths: list[Path], resume: bool) -> list[int]:
+    """Indices to (re)generate: the absent images when resuming the same run, else all of them."""
+    return [i for i, p in enumerate(paths) if not p.is_file()] if resume else list(range(len(paths)))
 
 
 def run(ctx) -> None:
@@ -39,7 +39,7 @@ def run(ctx) -> None:
         raise UserError(f"{ctx.layout.prediction('vdvae')}: shape {latents.shape}, expected (n_test, {expected}) "
                         f"for {n_groups} VDVAE groups")
     paths = [ctx.layout.image("vdvae", i) for i in range(latents.shape[0])]
-    todo = missing_indices(paths, ctx.force)
+    todo = missing_indices(paths, ctx.resume)
     if len(todo) < len(paths):
         log.info("[vdvae_init] %d of %d images exist, decoding the other %d", len(paths) - len(todo), len(paths),
                  len(todo))

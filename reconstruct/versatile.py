@@ -86,7 +86,7 @@ def run(ctx) -> None:
     del clip
     n = len(vision)
     paths = [layout.image("versatile", i) for i in range(n)]
-    todo = missing_indices(paths, ctx.force or v.reference_rng)
+    todo = missing_indices(paths, ctx.resume and not v.reference_rng)
     if not todo:
         return
     if len(todo) < n:

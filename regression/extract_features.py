@@ -64,18 +64,26 @@ def run(ctx) -> None:
         _run_variant(ctx)
         return
     splits = {s: read_split(layout.data_dir, s, ctx.subject, parts=("stim", "cap")) for s in ("train", "test")}
-    model = load_models.vdvae(cfg, ctx.device)
-    for i, (split, data) in enumerate(splits.items()):
-        _vdvae_features(model, data.stim, f.vdvae_groups, f.vdvae_batch_size,
-                        f.seed + (TEST_SEED_OFFSET if split == "test" else 0),
-                        layout.features("vdvae", split), ctx.progress)
-    del model
+
+    def todo(target):  # a resumed run keeps the target files it already finished
+        return [s for s in splits if not (ctx.resume and layout.features(target, s).is_file())]
+
+    if todo("vdvae"):
+        model = load_models.vdvae(cfg, ctx.device)
+        for split in todo("vdvae"):
+            _vdvae_features(model, splits[split].stim, f.vdvae_groups, f.vdvae_batch_size,
+                            f.seed + (TEST_SEED_OFFSET if split == "test" else 0),
+                            layout.features("vdvae", split), ctx.progress)
+        del model
+    if not (todo("cliptext") or todo("clipvision")):
+        return
     clip = load_models.clip(cfg, ctx.device)
-    for split, data in splits.items():
-        _warn_missing_captions(data.cap, split)
-        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=f.clip_batch_size), data.cap,
+    for split in todo("cliptext"):
+        _warn_missing_captions(splits[split].cap, split)
+        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=f.clip_batch_size), splits[split].cap,
                        layout.features("cliptext", split), f"CLIP-text {split}", ctx.progress)
-        _clip_features(lambda s: clip.encode_images(s, batch_size=f.clip_batch_size), data.stim,
+    for split in todo("clipvision"):
+        _clip_features(lambda s: clip.encode_images(s, batch_size=f.clip_batch_size), splits[split].stim,
                        layout.features("clipvision", split), f"CLIP-vision {split}", ctx.progress)
 
 

@@ -84,3 +84,24 @@ def test_failure_half_way_keeps_finished_images_and_next_run_continues(run, caps
     init3.write_bytes(good)
     assert dataset_main("synthetic", _args(tmp, "--only", "versatile")) == 0
     assert out[3].is_file() and (d / "versatile.done.json").is_file()
+
+
+def test_interrupted_features_step_resumes_with_the_files_it_finished(run):
+    tmp, d = run
+    feats = d / "features"
+    # the state a kill leaves behind: a start record, five of the six target files
+    (d / "features.done.json").rename(d / "features.started.json")
+    (feats / "clipvision_train.npy").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy")}
+    assert dataset_main("synthetic", _args(tmp, "--only", "features")) == 0
+    assert (feats / "clipvision_train.npy").is_file() and (d / "features.done.json").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in feats.glob("*.npy") if p.name in stamps} == stamps
+    assert not (d / "features.started.json").exists()
+
+
+def test_config_change_regenerates_every_image(run):
+    tmp, d = run
+    images = [d / "images" / "versatile" / f"{i:04d}.png" for i in range(N_TEST)]
+    stamps = [p.stat().st_mtime_ns for p in images]
+    assert dataset_main("synthetic", _args(tmp, "--only", "versatile", "--set", "versatile.mix_text=0.9")) == 0
+    assert all(p.stat().st_mtime_ns != s for p, s in zip(images, stamps))

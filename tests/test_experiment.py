@@ -1,0 +1,111 @@
+"""Experiment grids: expansion, idempotent tasks through submitit, rerun of exactly what is missing."""
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+import re_recon_main
+from pipeline import experiment as ex
+from pipeline.errors import UserError
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "grid.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_grid_expansion_names_and_overrides(tmp_path):
+    path = _write(tmp_path, """
+        [experiment]
+        dataset = "synthetic"
+        subjects = ["1", "2"]
+        [[variants]]
+        method = "random"
+        fraction = [0.5, 0.25]
+        draw = [0, 1]
+        [[variants]]
+        method = "settings"
+        "versatile.mix_text" = [0.0, 0.99]
+    """)
+    exp = ex.load_experiment(str(path))
+    names = [v.name for v in exp.variants]
+    assert names[0] == "base" and len(names) == 1 + 4 + 2
+    assert "random_fraction-0.25_draw-1" in names and "settings_mix_text-0.99" in names
+    tasks = ex.all_tasks(exp)
+    assert len(tasks) == 14 and tasks[0].name == "sub1__base"
+    mix = next(v for v in exp.variants if v.name == "settings_mix_text-0")
+    cfg = ex.task_config(exp, ex.Task(exp.name, "1", mix))
+    assert cfg.versatile.mix_text == 0.0 and cfg.run.variant == "settings_mix_text-0"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('[experiment]\ndataset = "synthetic"\n[[variants]]\nmethod = "nope"\n', "method 'nope' unknown"),
+    ('[experiment]\nsubjects = ["1"]\n', "needs a dataset"),
+    ('[experiment]\ndataset = "synthetic"\n[extra]\na = 1\n', "unknown section"),
+])
+def test_bad_experiment_files(tmp_path, body, needle):
+    with pytest.raises(UserError, match=needle):
+        ex.load_experiment(str(_write(tmp_path, body)))
+
+
+def test_unknown_experiment_lists_known_ones():
+    with pytest.raises(UserError, match="dropout_demo"):
+        ex.load_experiment("no_such_experiment")
+
+
+def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
+    path = _write(tmp_path, f"""
+        [experiment]
+        dataset = "synthetic"
+        subjects = ["1", "2"]
+        configs = ["{ROOT}/configs/demo.toml"]
+        [set]
+        "paths.data_dir" = "{tmp_path}/data"
+        "paths.results_dir" = "{tmp_path}/res"
+        "synthetic.n_train" = 30
+        "synthetic.n_test" = 3
+        "synthetic.image_size" = 64
+        "versatile.num_inference_steps" = 4
+        [[variants]]
+        method = "random"
+        fraction = 0.5
+    """)
+    args = [str(path), "--executor", "debug", "--no-progress"]
+    assert re_recon_main.main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 tasks, 0 complete, 4 to run" in out
+    sub1 = tmp_path / "res" / "synthetic" / "sub1"
+    kept = np.load(sub1 / "random_fraction-0.5" / "variant" / "train_indices.npy")
+    assert len(kept) == 15 and len(np.unique(kept)) == 15
+    # the variant re-used the base features: it has no features of its own
+    assert not (sub1 / "random_fraction-0.5" / "features").exists()
+    report = tmp_path / "res" / "experiments" / "grid"
+    assert (report / "metrics_summary.csv").is_file() and (report / "fraction_versatile.png").is_file()
+    assert (report / "grid_sub1.png").is_file()
+
+    assert re_recon_main.main(args) == 0
+    assert "4 tasks, 4 complete, 0 to run" in capsys.readouterr().out
+
+    (sub1 / "random_fraction-0.5" / "images" / "versatile" / "0001.png").unlink()
+    assert re_recon_main.main(args + ["--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "4 tasks, 3 complete, 1 to run" in dry and "sub1__random_fraction-0.5" in dry
+    assert re_recon_main.main(args) == 0
+    assert "1 to run" in capsys.readouterr().out
+    assert re_recon_main.main(args + ["--status"]) == 0
+    status = capsys.readouterr().out
+    assert status.count(" done ") == 4
+
+
+def test_slurm_path_builds_a_submitit_executor(tmp_path):
+    """Up to submission: the SLURM executor gets the resources from the flags."""
+    settings = {"name": "slurm", "max_parallel": 1, "partition": "gpu", "gpus": 2, "cpus": 4, "time": 30, "mem": 16}
+    executor = re_recon_main.make_executor(settings, tmp_path / "logs")
+    params = executor._executor.parameters
+    assert params["partition"] == "gpu" and params["gpus_per_node"] == 2 and params["time"] == 30
+    assert params["mem"] == "16GB" and params["cpus_per_task"] == 4
