@@ -74,7 +74,18 @@ def executor_settings(exp, args) -> dict:
     }
 
 
-def make_executor(settings: dict, log_dir: Path):
+def slurm_parameters(settings: dict) -> dict:
+    """submitit AutoExecutor parameters for the SLURM resources in ``settings``."""
+    params = dict(timeout_min=int(settings["time"]), gpus_per_node=int(settings["gpus"]),
+                  cpus_per_task=int(settings["cpus"]), mem_gb=int(settings["mem"]), name="recon-diffuser")
+    if settings["partition"]:
+        params["slurm_partition"] = settings["partition"]
+    return params
+
+
+def make_executor(settings: dict, log_dir: Path, cluster: str | None = None):
+    """The submitit executor for ``settings['name']``; ``cluster`` overrides the SLURM back end
+    (``'debug'`` runs the same AutoExecutor in-process, for tests)."""
     import submitit
 
     name = settings["name"]
@@ -84,12 +95,8 @@ def make_executor(settings: dict, log_dir: Path):
         executor = submitit.LocalExecutor(folder=log_dir)
         executor.update_parameters(timeout_min=int(settings["time"]))
         return executor
-    executor = submitit.AutoExecutor(folder=log_dir, cluster="slurm")
-    params = dict(timeout_min=int(settings["time"]), gpus_per_node=int(settings["gpus"]),
-                  cpus_per_task=int(settings["cpus"]), mem_gb=int(settings["mem"]), name="recon-diffuser")
-    if settings["partition"]:
-        params["slurm_partition"] = settings["partition"]
-    executor.update_parameters(**params)
+    executor = submitit.AutoExecutor(folder=log_dir, cluster=cluster or "slurm")
+    executor.update_parameters(**slurm_parameters(settings))
     return executor
 
 

@@ -102,10 +102,12 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert status.count(" done ") == 4
 
 
-def test_slurm_path_builds_a_submitit_executor(tmp_path):
-    """Up to submission: the SLURM executor gets the resources from the flags."""
+def test_slurm_path_up_to_submission(tmp_path):
+    """The SLURM resources reach submitit's AutoExecutor; its debug back end runs the submission."""
     settings = {"name": "slurm", "max_parallel": 1, "partition": "gpu", "gpus": 2, "cpus": 4, "time": 30, "mem": 16}
-    executor = re_recon_main.make_executor(settings, tmp_path / "logs")
-    params = executor._executor.parameters
-    assert params["partition"] == "gpu" and params["gpus_per_node"] == 2 and params["time"] == 30
-    assert params["mem"] == "16GB" and params["cpus_per_task"] == 4
+    params = re_recon_main.slurm_parameters(settings)
+    assert params == {"timeout_min": 30, "gpus_per_node": 2, "cpus_per_task": 4, "mem_gb": 16,
+                      "name": "recon-diffuser", "slurm_partition": "gpu"}
+    executor = re_recon_main.make_executor(settings, tmp_path / "logs", cluster="debug")
+    job = executor.submit(sum, [1, 2, 3])
+    assert job.result() == 6
