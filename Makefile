@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench weights download-nsd clean-demo
+.PHONY: setup demo demo-all test bench weights download-nsd clean-demo
 
 setup: $(STAMP)
 
@@ -21,11 +21,17 @@ demo: setup
 	$(VPY) re_recon_main.py dropout_demo
 	@echo "demo finished: see demo_output/results/synthetic/ (images/, eval/) and demo_output/results/experiments/"
 
+# The demo plus experiments 2 (AI captions, offline template captioner) and 3 (perturbations).
+demo-all: demo
+	$(VPY) re_recon_main.py captions_demo
+	$(VPY) re_recon_main.py adv_pert_demo
+
 test: setup
 	$(VPY) -m pytest tests
 
 bench: setup
-	$(VPY) benchmarks/bench_ridge.py
+	$(VPY) benchmarks/ridge_bench.py
+	$(VPY) benchmarks/versatile_bench.py
 
 weights: setup
 	$(VPY) -m models.weights --weights-dir $${WEIGHTS_DIR:-weights}

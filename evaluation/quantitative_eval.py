@@ -230,8 +230,12 @@ def paired_tests(rows: list[dict], a: str, b: str) -> list[dict]:
     return out
 
 
+DECODER_METRICS = ("identification_accuracy", "pattern_correlation", "profile_correlation")
+
+
 def summary_plot(path: Path, summary: list[dict], images: str = "versatile") -> None:
-    """One panel per metric: bars of mean ± s.e.m. across subjects for every variant."""
+    """One panel per metric: bars of mean ± s.e.m. across subjects for every variant
+    (``images`` = an image set, or ``decoder:<target>`` for the decoder metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,18 +243,21 @@ def summary_plot(path: Path, summary: list[dict], images: str = "versatile") -> 
 
     from evaluation.metrics import HIGHER_IS_BETTER
 
-    rows = [r for r in summary if r["images"] == images and r["metric"] in HIGHER_IS_BETTER]
-    metrics = [m for m in HIGHER_IS_BETTER if any(r["metric"] == m for r in rows)]
+    arrows = {m: "↑" for m in DECODER_METRICS} | {m: "↑" if up else "↓" for m, up in HIGHER_IS_BETTER.items()}
+    rows = [r for r in summary if r["images"] == images and r["metric"] in arrows]
+    metrics = [m for m in arrows if any(r["metric"] == m for r in rows)]
     if not metrics:
         return
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(2.2 * len(metrics), 6), 3.6), squeeze=False)
+    label_room = 0.055 * max(len(v) for v in variants)  # rotated variant names need height
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(2.6 * len(metrics), 6), 2.6 + label_room),
+                             squeeze=False)
     for ax, m in zip(axes[0], metrics):
         vals = {r["variant"]: r for r in rows if r["metric"] == m}
         ax.bar(range(len(variants)), [vals[v]["mean"] if v in vals else np.nan for v in variants],
                yerr=[vals[v]["sem"] if v in vals else 0 for v in variants], color="C0", capsize=2)
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=6)
-        ax.set_title(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", fontsize=9)
+        ax.set_title(f"{m} {arrows[m]}", fontsize=9)
     fig.suptitle(f"{images}: mean ± s.e.m. across subjects", fontsize=10)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
@@ -265,9 +272,8 @@ def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] |
     _write_csv(out_dir / "metrics_summary.csv", summary)
     io.save_json(out_dir / "metrics_summary.json", {"runs": [f"sub{r['subject']}/{r['variant']}" for r in records],
                                                     "summary": summary})
-    kinds = sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")})
-    for kind in kinds:
-        summary_plot(out_dir / f"metrics_{kind}.png", summary, kind)
+    for kind in sorted({r["images"] for r in rows}):
+        summary_plot(out_dir / f"metrics_{kind.replace(':', '_')}.png", summary, kind)
     if compare:
         tests = paired_tests(rows, *compare)
         _write_csv(out_dir / f"paired_{compare[0]}_vs_{compare[1]}.csv", tests)

@@ -111,3 +111,22 @@ def test_slurm_path_up_to_submission(tmp_path):
     executor = re_recon_main.make_executor(settings, tmp_path / "logs", cluster="debug")
     job = executor.submit(sum, [1, 2, 3])
     assert job.result() == 6
+
+
+def test_generating_builders_for_captions_and_perturbations(tmp_path):
+    """The ai_captions (offline template captioner) and perturbed builders make their files on first use."""
+    from pipeline.config import load_config
+    from pipeline.layout import Layout
+    from prepare_data.synthetic import prepare_subject
+
+    cfg = load_config([], [f"paths.data_dir={tmp_path}", "run.dataset=synthetic", "run.tiny_models=true",
+                           "run.device=cpu"])
+    layout = Layout(cfg, "1", "v")
+    prepare_subject(layout.data_dir, "1", n_train=6, n_test=2, n_voxels=8, image_size=32)
+    caps = ex.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
+    assert caps.shape == (6, 1) and all("surrounded by" in c for c in caps[:, 0])
+    assert (tmp_path / "synthetic" / "ai_captions" / "template" / "generate_log.jsonl").is_file()
+    again = ex.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
+    np.testing.assert_array_equal(caps, again)
+    stim = ex.BUILDERS["perturbed"](layout, cfg, mode="adversarial", attack="fgsm", eps=0.03)["stim_clipvision"]
+    assert stim.dtype == np.uint8 and stim.shape[0] == 6 and stim.shape[-1] == 3
