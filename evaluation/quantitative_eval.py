@@ -114,7 +114,8 @@ def run(ctx) -> None:
     io.save_json(out / "metrics.json", record)
     _write_csv(out / "metrics.csv", [{"profile": e.profile, **r} for r in rows])
     _bar_plot(out / "metrics.png", rows, f"sub{ctx.subject} / {ctx.variant} ({e.profile})")
-    save_grid(out / "grid.png", np.asarray(gts), {k: v for k, v in kinds.items()}, max_images=8)
+    rows = {"vdvae init": init} if "vdvae" not in kinds and (init := _recon_paths(layout, "vdvae", n)) else {}
+    save_grid(out / "grid.png", np.asarray(gts), {**rows, **kinds}, max_images=8)
     for kind, res in results.items():
         log.info("[evaluate] sub%s/%s %s: %s", ctx.subject, ctx.variant, kind,
                  ", ".join(f"{m} {res[m]:.3f}" for m in METRICS if m in res))

@@ -105,3 +105,20 @@ def test_config_change_regenerates_every_image(run):
     stamps = [p.stat().st_mtime_ns for p in images]
     assert dataset_main("synthetic", _args(tmp, "--only", "versatile", "--set", "versatile.mix_text=0.9")) == 0
     assert all(p.stat().st_mtime_ns != s for p, s in zip(images, stamps))
+
+
+def test_qualitative_grid_and_multi_run_summary(run, capsys):
+    from evaluation import qualitative_eval, quantitative_eval
+
+    tmp, _ = run
+    common = ["--config", os.path.join(ROOT, "configs", "demo.toml"), "--dataset", "synthetic",
+              "--data-dir", str(tmp / "data"), "--results-dir", str(tmp / "res"), "--no-progress"]
+    out = tmp / "grid.png"
+    assert qualitative_eval.main(common + ["--runs", "sub1/base", "--images", "0", "3", "--out", str(out)]) == 0
+    grid = Image.open(out)
+    assert grid.height == 3 * qualitative_eval.CELL  # ground truth, vdvae, versatile
+    assert qualitative_eval.main(common + ["--runs", "sub9/*"]) == 2
+    assert "no run with images matches" in capsys.readouterr().err
+    assert quantitative_eval.main(common + ["--runs", "sub1/*"]) == 0
+    summary = tmp / "res" / "synthetic" / "summary"
+    assert (summary / "metrics_summary.csv").is_file() and (summary / "metrics_versatile.png").is_file()
