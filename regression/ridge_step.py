@@ -30,6 +30,11 @@ def training_data(ctx):
     variant = load_variant(layout, len(train))
     Y = {t: train_targets(layout, t) for t in TARGETS}
     X = train.fmri
+    if test.fmri.shape[1] != X.shape[1]:
+        from pipeline.errors import UserError
+
+        raise UserError(f"{part_path(layout.base.data_dir, 'test', 'fmri', ctx.subject)}: {test.fmri.shape[1]} voxels "
+                        f"but the training fMRI has {X.shape[1]}")
     for t, y in Y.items():
         if y.shape[0] != X.shape[0]:
             raise_mismatch(layout, t, y.shape[0], X.shape[0])
@@ -63,7 +68,10 @@ def run(ctx) -> None:
                 return
     X, X_test, Y = training_data(ctx)
     Y = {t: Y[t] for t in fit}
-    X, X_test, _ = normalise_fmri(X, X_test, scale=r.fmri_scale)
+    X, X_test, stats = normalise_fmri(X, X_test, scale=r.fmri_scale)
+    if len(stats["constant_voxels"]):
+        log.warning("[ridge] sub%s: %d voxels are constant over the training images; they are left out "
+                    "(z-scoring them would divide by zero)", ctx.subject, len(stats["constant_voxels"]))
     alphas = {"vdvae": r.alpha_vdvae, "cliptext": r.alpha_cliptext, "clipvision": r.alpha_clipvision}
     model = MultiTargetRidge(alphas={t: alphas[t] for t in fit}, device=ctx.device, max_memory_gb=r.max_memory_gb,
                              rescale=r.rescale, cv_alphas=list(r.cv_alphas) if r.cv else None)
