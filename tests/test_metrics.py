@@ -408,3 +408,15 @@ def test_decoder_metrics_by_hand_and_against_bdpy():
         dm.evaluate_decoder(p2, t2[:5])
     with pytest.raises(UserError, match="both"):
         dm.pattern_correlation(p2, t2, mean, None)
+
+
+def test_shuffled_sets_score_chance():
+    """Recons matched to the wrong ground truth (a derangement) score about 50% identification."""
+    from evaluation.metrics import two_way_identification
+
+    rng = np.random.default_rng(0)
+    gt = rng.normal(size=(60, 200))
+    perm = np.roll(np.arange(60), 1)
+    scores = [two_way_identification(gt, gt[perm] + rng.normal(scale=0.5, size=gt.shape)).mean() for _ in range(5)]
+    assert abs(np.mean(scores) - 0.5) < 0.05
+    assert two_way_identification(gt, gt + rng.normal(scale=0.5, size=gt.shape)).mean() > 0.99

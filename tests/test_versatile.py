@@ -263,3 +263,17 @@ def test_fp16_unet_on_cuda_close_to_fp32(comps, inputs):
         comps.image_unet.to("cpu", torch.float32)
     assert np.isfinite(got).all()
     assert np.abs(got - ref).mean() < 0.02
+
+
+@pytest.mark.parametrize("mix_text, swapped", [(1.0, "vision_cond"), (0.0, "text_cond")])
+def test_mixing_extremes_are_pure_text_or_pure_vision_guidance(comps, inputs, mix_text, swapped):
+    """mix 1 uses only the text transformers (vision conditioning has no effect), mix 0 only the vision ones."""
+    base = run(comps, inputs, batch_size=3, output_type="float", mix_text=mix_text)
+    other = dict(inputs)
+    other[swapped] = torch.flip(inputs[swapped], [0]) * 3.0
+    changed = run(comps, other, batch_size=3, output_type="float", mix_text=mix_text)
+    np.testing.assert_allclose(changed, base, atol=1e-6)
+    kept = "text_cond" if swapped == "vision_cond" else "vision_cond"
+    other = dict(inputs)
+    other[kept] = torch.flip(inputs[kept], [0]) * 3.0
+    assert np.abs(run(comps, other, batch_size=3, output_type="float", mix_text=mix_text) - base).max() > 1e-3
