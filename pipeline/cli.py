@@ -41,6 +41,8 @@ def build_parser(dataset: str | None, prog: str | None = None, steps: bool = Tru
         p.add_argument("--only", action="append", choices=STEP_NAMES, help="run only this step (repeatable)")
         p.add_argument("--from", dest="start", choices=STEP_NAMES, help="run from this step on")
         p.add_argument("--force", action="store_true", help="redo steps even when complete")
+        p.add_argument("--list-subjects", action="store_true",
+                       help="print which subjects the raw dataset folder holds and exit")
     return p
 
 
@@ -105,6 +107,11 @@ def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
 
     def go():
         cfg = config_from_args(args, dataset)
+        if args.list_subjects:
+            from prepare_data.prepare import subject_table
+
+            print(subject_table(cfg))
+            return
         steps = select_steps(args.only, args.start)
         run_pipeline(cfg, steps, cfg.run.subjects, cfg.run.device, force=args.force,
                      progress=not args.no_progress)

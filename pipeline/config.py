@@ -60,7 +60,7 @@ class DeepreconConfig:
     session_art: str = "ArtificialShapes"  # '' = no artificial-shape split
     roi: str = "ROI_VC"
     label_key: str = "stimulus_name"
-    image_dir: str = ""
+    image_dir: str = ""  # '' = <raw_dir>/images
     captions: str = ""  # CSV/TSV image name → captions (human captions are not public)
     image_size: int = 0  # 0 = keep the images' own size
 
@@ -69,9 +69,10 @@ class DeepreconConfig:
 class ThingsConfig:
     raw_dir: str = "raw/things"
     rois: list[str] = field(default_factory=list)  # empty = the module's default visual ROIs
-    image_dir: str = ""
+    image_dir: str = ""  # '' = <raw_dir>/images
     captions: str = ""
     source: str = "auto"  # 'auto' | 'tsv' | 'bdata'
+    image_size: int = 500  # THINGS images vary in size: centre-cropped and resized to this square
 
 
 @dataclass

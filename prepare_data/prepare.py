@@ -46,7 +46,8 @@ def _options(ctx) -> tuple[callable, dict]:
 
         s = cfg.things
         opts = dict(raw_dir=cfg.resolve_path(s.raw_dir), image_dir=_path_or_none(cfg, s.image_dir),
-                    captions=_path_or_none(cfg, s.captions), source=s.source, progress=ctx.progress)
+                    captions=_path_or_none(cfg, s.captions), source=s.source, image_size=s.image_size,
+                    progress=ctx.progress)
         if s.rois:
             opts["rois"] = list(s.rois)
         return things.prepare_subject, opts
@@ -80,6 +81,29 @@ def outputs(ctx) -> list[Path]:
 
 def inputs(ctx) -> list[Path]:
     return []
+
+
+def subject_table(cfg) -> str:
+    """Which subjects the raw dataset folder holds (``--list-subjects``)."""
+    name = cfg.run.dataset
+    if name == "deeprecon":
+        from prepare_data import deeprecon
+
+        s = cfg.deeprecon
+        sessions = {k: v for k, v in (("train", s.session_train), ("test", s.session_test),
+                                      ("art", s.session_art)) if v}
+        return deeprecon.format_subject_table(
+            deeprecon.list_subjects(cfg.resolve_path(s.raw_dir), s.file_pattern, sessions), sessions)
+    if name == "things":
+        from prepare_data import things
+
+        return things.format_subject_table(things.list_subjects(cfg.resolve_path(cfg.things.raw_dir)))
+    if name == "nsd":
+        from prepare_data import nsd
+
+        found = nsd.subjects_present(cfg.resolve_path(cfg.nsd.raw_dir))
+        return "subjects with betas and an nsdgeneral ROI: " + (", ".join(map(str, found)) or "none")
+    return "synthetic: any subject id (generated)"
 
 
 def main(argv=None) -> int:

@@ -256,3 +256,20 @@ def test_bad_options(fx, tmp_path):
     with pytest.raises(UserError, match="captions table not found"):
         deeprecon.prepare_subject(fx["raw_dir"], tmp_path / "o", "sub-01", captions=tmp_path / "c.tsv")
     _assert_nothing_written(tmp_path / "o")
+
+
+def test_main_script_lists_subjects_and_prepares(tmp_path, capsys):
+    """deeprecon_main.py --list-subjects and --only prepare on the fixture."""
+    from pipeline.cli import dataset_main
+    from pipeline.common_format import read_split, subject_dir
+    from fixtures_deeprecon import make_deeprecon_fixture
+
+    info = make_deeprecon_fixture(tmp_path / "raw")
+    subject = sorted(info["subjects"])[0] if isinstance(info.get("subjects"), (list, tuple, dict)) else "sub-01"
+    args = ["--raw-dir", str(tmp_path / "raw"), "--set", f"deeprecon.image_dir={info['image_dir']}",
+            "--data-dir", str(tmp_path / "data"), "--subject", subject, "--no-progress"]
+    assert dataset_main("deeprecon", args + ["--list-subjects"]) == 0
+    assert subject in capsys.readouterr().out
+    assert dataset_main("deeprecon", args + ["--only", "prepare"]) == 0
+    data = read_split(subject_dir(tmp_path / "data", "deeprecon", subject), "art", subject)
+    assert len(data) > 0

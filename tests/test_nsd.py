@@ -322,3 +322,18 @@ def test_http_transport_sizes_and_resume(fx, tmp_path, ranges):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_main_script_lists_subjects_and_prepares(tmp_path, capsys):
+    """nsd_main.py --list-subjects and --only prepare --subject 1 on the fixture."""
+    from fixtures_nsd import make_nsd_fixture
+    from pipeline.cli import dataset_main
+    from pipeline.common_format import read_split, subject_dir
+
+    make_nsd_fixture(tmp_path / "raw")
+    args = ["--raw-dir", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "data"), "--subject", "1",
+            "--set", "nsd.n_sessions=3", "--no-progress"]
+    assert dataset_main("nsd", args + ["--list-subjects"]) == 0
+    assert "1, 2" in capsys.readouterr().out
+    assert dataset_main("nsd", args + ["--only", "prepare"]) == 0
+    assert len(read_split(subject_dir(tmp_path / "data", "nsd", "1"), "test", "1")) > 0

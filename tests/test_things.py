@@ -250,3 +250,19 @@ def test_missing_image_names_stimulus_and_folder(fx, tmp_path):
         things.prepare_subject(fx["raw_dir"], tmp_path / "o", "01", image_dir=images, progress=False)
     assert gone.stem in str(err.value) and str(images) in str(err.value)
     assert not (tmp_path / "o").exists()
+
+
+def test_main_script_lists_subjects_and_prepares(tmp_path, capsys):
+    """things_main.py --list-subjects and --only prepare on the fixture."""
+    from fixtures_things import make_things_fixture
+    from pipeline.cli import dataset_main
+    from pipeline.common_format import read_split, subject_dir
+
+    make_things_fixture(tmp_path / "raw")
+    args = ["--raw-dir", str(tmp_path / "raw"), "--data-dir", str(tmp_path / "data"), "--subject", "01",
+            "--set", "things.image_size=32", "--no-progress"]
+    assert dataset_main("things", args + ["--list-subjects"]) == 0
+    assert "01" in capsys.readouterr().out
+    assert dataset_main("things", args + ["--only", "prepare"]) == 0
+    test = read_split(subject_dir(tmp_path / "data", "things", "01"), "test", "01")
+    assert test.stim.shape[1:] == (32, 32, 3) and (test.nrep > 1).all()
