@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import checkpoint
 from pipeline.errors import UserError
 
 #: Caffe/ImageNet mean in BGR order, subtracted from 0..255 pixels (the lab's ``image_preprocess``).
@@ -197,26 +198,12 @@ class ICNNModels:
 
 
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` from ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors``."""
+    """The iCNN weight file at ``path`` as a flat state dict (missing → how to get it)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} weights not found; run `make weights` or download them "
                         f"(see models/icnn.py) and set icnn.* paths relative to paths.weights_dir")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a bad file for the user
-        raise UserError(f"{path}: cannot read as a {what} state dict ({type(exc).__name__}: {exc}); "
-                        f"a module pickled whole must be re-saved as its state_dict()") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a flat dict of tensors (a {what} state dict)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return checkpoint.read_state_dict(path, what)
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:

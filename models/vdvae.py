@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.checkpoint import read_state_dict
 from pipeline.errors import UserError
 
 CHECKPOINT_NAME = "imagenet64-iter-1600000-model-ema.th"
@@ -434,8 +435,7 @@ def load_vdvae(path: str | os.PathLike, config: VDVAEConfig | None = None, devic
             f"{path}: VDVAE checkpoint not found; download {CHECKPOINT_URL} "
             f"(or run `make weights`) and point to the file"
         )
-    state = _read_state_dict(path)
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = read_state_dict(path, "VDVAE")
     with torch.device("meta"):
         model = VDVAE(config)
     _check_state_dict(model, state, path)
@@ -443,21 +443,6 @@ def load_vdvae(path: str | os.PathLike, config: VDVAEConfig | None = None, devic
     model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a bad file for the user
-        raise UserError(f"{path}: cannot read as a VDVAE state dict ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a flat dict of tensors (a VDVAE state dict)")
-    return state
 
 
 def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, show: int = 5) -> None:
