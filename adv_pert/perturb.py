@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from pipeline import io
 from pipeline.errors import UserError
+from pipeline.variant import rows_for_ids
 
 log = logging.getLogger("recon")
 MODES = ("friendly", "adversarial")
@@ -381,15 +382,7 @@ def load_perturbed(path: Path, ids: np.ndarray, copy: int) -> np.ndarray:
         raise UserError(f"{paths['ids']}: expected {arr.shape[0]} ids, got shape {file_ids.shape}")
     if not 0 <= copy < arr.shape[1]:
         raise UserError(f"{paths['images']}: copy {copy} requested, the file holds copies 0..{arr.shape[1] - 1}")
-    row_of = {str(k): r for r, k in enumerate(file_ids)}
-    if len(row_of) != len(file_ids):
-        raise UserError(f"{paths['ids']}: image ids are not unique")
-    wanted = [str(i) for i in np.asarray(ids)]
-    missing = [k for k in wanted if k not in row_of]
-    if missing:
-        raise UserError(f"{paths['images']}: no perturbed image for {len(missing)} training image id(s), "
-                        f"e.g. {missing[:3]} (ids from {paths['ids'].name})")
-    rows = np.array([row_of[k] for k in wanted], dtype=np.int64)
+    rows = rows_for_ids(file_ids, ids, paths["ids"], paths["images"], "perturbed image")
     return np.ascontiguousarray(arr[rows, copy])
 
 

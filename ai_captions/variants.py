@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline import io
 from pipeline.errors import UserError
+from pipeline.variant import rows_for_ids
 
 log = logging.getLogger("recon")
 SUFFIX = "_captions.npy"
@@ -42,16 +43,7 @@ def load_caption_variant(path: Path, ids: np.ndarray) -> np.ndarray:
         raise UserError(f"{path}: expected a unicode (n_images, n_captions) array, got {caps.dtype} {caps.shape}")
     if file_ids.ndim != 1 or len(file_ids) != len(caps):
         raise UserError(f"{ids_path}: expected {len(caps)} ids (one per row of {path.name}), got shape {file_ids.shape}")
-    keys = [str(i) for i in file_ids]
-    row_of = {k: r for r, k in enumerate(keys)}
-    if len(row_of) != len(keys):
-        raise UserError(f"{ids_path}: image ids are not unique")
-    wanted = [str(i) for i in np.asarray(ids)]
-    missing = [k for k in wanted if k not in row_of]
-    if missing:
-        raise UserError(f"{path}: no caption for {len(missing)} training image id(s), e.g. {missing[:3]} "
-                        f"(ids from {ids_path.name}); regenerate the captions for this training set")
-    out = caps[[row_of[k] for k in wanted]]
+    out = caps[rows_for_ids(file_ids, ids, ids_path, path, "caption")]
     empty = int(np.count_nonzero(~(np.char.str_len(np.char.strip(out)) > 0).any(axis=1)))
     if empty:
         log.warning("%s: %d of %d training images have no caption (generation failed); their CLIP-text "

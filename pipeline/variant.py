@@ -108,3 +108,21 @@ def variant_files(layout: Layout) -> list[Path]:
         return []
     d = layout.variant_dir()
     return [d / n for n in (INFO, INDICES, CAPTIONS, STIM_CLIPVISION) if (d / n).is_file()]
+
+
+def rows_for_ids(file_ids: np.ndarray, ids: np.ndarray, ids_path: Path, data_path: Path, what: str) -> np.ndarray:
+    """Rows of a variant file (whose row ids are ``file_ids``) for the training ``ids``, in their order.
+
+    Variant files (AI captions, perturbation sets) are made once and matched by image id, so one
+    file serves every subject that saw the same images. Duplicate ids, or an id without a row, are
+    UserErrors naming the file.
+    """
+    row_of = {str(k): r for r, k in enumerate(np.asarray(file_ids))}
+    if len(row_of) != len(file_ids):
+        raise UserError(f"{ids_path}: image ids are not unique")
+    wanted = [str(i) for i in np.asarray(ids)]
+    missing = [k for k in wanted if k not in row_of]
+    if missing:
+        raise UserError(f"{data_path}: no {what} for {len(missing)} training image id(s), e.g. {missing[:3]} "
+                        f"(ids from {Path(ids_path).name}); regenerate it for this training set")
+    return np.array([row_of[k] for k in wanted], dtype=np.int64)
