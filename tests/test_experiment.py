@@ -64,7 +64,10 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
         dataset = "synthetic"
         subjects = ["1", "2"]
         configs = ["{ROOT}/configs/demo.toml"]
+        methods = ["braindiffuser", "icnn"]
         [set]
+        "icnn.n_iter" = 3
+        "icnn.image_size" = 32
         "paths.data_dir" = "{tmp_path}/data"
         "paths.results_dir" = "{tmp_path}/res"
         "synthetic.n_train" = 30
@@ -86,6 +89,8 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert not (sub1 / "random_fraction-0.5" / "features").exists()
     report = tmp_path / "res" / "experiments" / "grid"
     assert (report / "metrics_summary.csv").is_file() and (report / "fraction_versatile.png").is_file()
+    assert (report / "fraction_comparison.png").is_file()  # Brain-Diffuser and iCNN on the same axes
+    assert len(list((sub1 / "random_fraction-0.5" / "images" / "icnn").glob("*.png"))) == 3
     assert (report / "grid_sub1.png").is_file()
 
     assert re_recon_main.main(args) == 0
