@@ -69,8 +69,9 @@ def test_flags_override_files_and_set_overrides_flags(tmp_path):
     f.write_text('[paths]\nresults_dir = "from_file"\n')
     args = build_parser("nsd").parse_args(["--config", str(f), "--results-dir", "from_flag", "--subject", "2",
                                            "--subject", "5", "--set", "run.subjects=7", "--raw-dir", "/raw",
-                                           "--tiny"])
+                                           "--tiny", "--reference-rng"])
     cfg = config_from_args(args, "nsd")
     assert cfg.paths.results_dir == "from_flag"
     assert cfg.run.subjects == ["7"]
     assert cfg.nsd.raw_dir == "/raw" and cfg.run.dataset == "nsd" and cfg.run.tiny_models
+    assert cfg.versatile.reference_rng is True
