@@ -161,7 +161,7 @@ def test_memmap_targets_and_inputs_untouched(tmp_path):
     MultiTargetRidge(ALPHAS["vdvae"], progress=False).fit(X, {"vdvae": Y64}).predict(Xt)
     ref = MultiTargetRidge(ALPHAS, progress=False).fit(X, targets).predict(Xt)
     for name in targets:
-        np.testing.assert_allclose(pred[name], ref[name], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(pred[name], ref[name], rtol=1e-5, atol=1e-5)  # float32 stream: BLAS blocking differs by chunk
     np.testing.assert_array_equal(X, X0)
     np.testing.assert_array_equal(targets["vdvae"], Y0)
     np.testing.assert_array_equal(Y64, Y64_0)
