@@ -336,7 +336,11 @@ def prepare_subject(
             nrep[name][row] += 1
         start += count
         del betas
-    fmri = {k: (sums[k] / nrep[k][:, None]).astype(np.float32) for k in ids}
+    fmri = {}
+    for k in ids:  # divide in place, then cast: no float64 temporary beside the sums
+        sums[k] /= nrep[k][:, None]
+        fmri[k] = sums[k].astype(np.float32)
+        del sums[k]
     del sums
 
     # 4. captions
