@@ -110,16 +110,26 @@ def _section_digest(cfg: Config, sections: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _input_digests(paths: list[Path]) -> dict[str, str]:
+def _input_digests(ctx: "Context", paths: list[Path]) -> dict[str, str]:
+    """{path: content digest}; paths are recorded relative to the data/results roots, so a results
+    folder copied to another machine or path stays complete."""
+    roots = [Path(ctx.cfg.paths.results_dir).expanduser().resolve(), Path(ctx.cfg.paths.data_dir).expanduser().resolve()]
     out = {}
     for p in paths:
         p = Path(p)
+        key = str(p)
+        for tag, root in zip(("results", "data"), roots):
+            try:
+                key = f"<{tag}>/{p.resolve().relative_to(root).as_posix()}"
+                break
+            except ValueError:
+                continue
         if p.is_file():
-            out[str(p)] = file_digest(p)
+            out[key] = file_digest(p)
         elif p.is_dir():
-            out[str(p)] = f"dir:{len(list(p.iterdir()))}"
+            out[key] = f"dir:{len(list(p.iterdir()))}"
         else:
-            out[str(p)] = "missing"
+            out[key] = "missing"
     return out
 
 
@@ -138,7 +148,7 @@ def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
         return False, "unreadable completion record"
     if record.get("config_digest") != _section_digest(ctx.cfg, spec.sections):
         return False, "configuration changed"
-    if record.get("inputs") != _input_digests(list(mod.inputs(ctx))):
+    if record.get("inputs") != _input_digests(ctx, list(mod.inputs(ctx))):
         return False, "inputs changed"
     return True, "complete"
 
@@ -176,7 +186,7 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     record_path = ctx.layout.record(spec.name)
     started_path = _started_path(record_path)
     digest = _section_digest(ctx.cfg, spec.sections)
-    inputs = _input_digests(list(mod.inputs(ctx)))
+    inputs = _input_digests(ctx, list(mod.inputs(ctx)))
     ctx.resume = not ctx.force and (_matches(record_path, digest, inputs) or _matches(started_path, digest, inputs))
     if record_path.exists():
         record_path.unlink()  # a half-redone step must not look complete
@@ -193,7 +203,7 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
         "subject": ctx.subject,
         "variant": ctx.variant,
         "config_digest": digest,
-        "inputs": _input_digests(list(mod.inputs(ctx))),
+        "inputs": _input_digests(ctx, list(mod.inputs(ctx))),
         "outputs": [str(p) for p in mod.outputs(ctx)],
         "seconds": round(elapsed, 3),
         "device": ctx.device,

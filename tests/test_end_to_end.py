@@ -56,6 +56,17 @@ def test_rerun_skips_everything(run, caplog):
     assert caplog.text.count("complete, skipping") == 6
 
 
+def test_results_copied_elsewhere_stay_complete(run, tmp_path, caplog):
+    import shutil
+
+    tmp, _ = run
+    for part in ("data", "res"):
+        shutil.copytree(tmp / part, tmp_path / part)
+    caplog.set_level("INFO", logger="recon")
+    assert dataset_main("synthetic", _args(tmp_path)) == 0
+    assert caplog.text.count("complete, skipping") == 6
+
+
 def test_resume_regenerates_only_the_missing_image(run):
     tmp, d = run
     images = [d / "images" / "versatile" / f"{i:04d}.png" for i in range(N_TEST)]
