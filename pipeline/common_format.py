@@ -166,6 +166,3 @@ def write_manifest(sub_dir: str | os.PathLike, **info) -> Path:
     record.update(info)
     return io.save_json(manifest_path(sub_dir), record)
 
-
-def available_splits(sub_dir: str | os.PathLike, subject: str | int) -> list[str]:
-    return [s for s in SPLITS if part_path(sub_dir, s, "fmri", subject).is_file()]

@@ -189,9 +189,16 @@ class Config:
         return dataclasses.asdict(self)
 
     def digest(self, sections: typing.Iterable[str] | None = None) -> str:
-        """A short hash of the chosen sections (all when None), for completion records."""
+        """A short hash of the chosen sections or ``section.key`` fields (all when None), for
+        completion records: a step's record changes only when what it reads changes."""
         full = self.to_dict()
-        part = full if sections is None else {s: full[s] for s in sections}
+        if sections is None:
+            part = full
+        else:
+            part = {}
+            for name in sections:
+                section, _, key = name.partition(".")
+                part[name] = full[section][key] if key else full[section]
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve_path(self, value: str, base: str | None = None) -> Path:

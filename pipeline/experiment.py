@@ -392,9 +392,3 @@ def task_state(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()
         record["state"] = "incomplete"
     return record
 
-
-def indices_summary(cfg: Config, task: Task) -> str:
-    from pipeline.variant import load_variant
-
-    v = load_variant(Layout(cfg, task.subject, task.variant.name))
-    return "all" if v.indices is None else str(len(np.asarray(v.indices)))

@@ -77,7 +77,3 @@ class Layout:
         """Where a variant's defining files live (indices, captions, stimuli)."""
         return self.run_dir / "variant"
 
-    # weights
-    def weight(self, name: str) -> Path:
-        value = getattr(self.cfg.models, name)
-        return self.cfg.resolve_path(value, "weights_dir")

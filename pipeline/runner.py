@@ -95,21 +95,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _section_digest(cfg: Config, sections: tuple[str, ...]) -> str:
-    import hashlib
-    import json
-
-    full = cfg.to_dict()
-    picked = {}
-    for sec in sections:
-        if "." in sec:
-            a, b = sec.split(".", 1)
-            picked[sec] = full[a][b]
-        else:
-            picked[sec] = full[sec]
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _input_digests(ctx: "Context", paths: list[Path]) -> dict[str, str]:
     """{path: content digest}; paths are recorded relative to the data/results roots, so a results
     folder copied to another machine or path stays complete."""
@@ -146,7 +131,7 @@ def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
         record = io.load_json(record_path)
     except UserError:
         return False, "unreadable completion record"
-    if record.get("config_digest") != _section_digest(ctx.cfg, spec.sections):
+    if record.get("config_digest") != ctx.cfg.digest(spec.sections):
         return False, "configuration changed"
     if record.get("inputs") != _input_digests(ctx, list(mod.inputs(ctx))):
         return False, "inputs changed"
@@ -185,7 +170,7 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
         reason = "--force"
     record_path = ctx.layout.record(spec.name)
     started_path = _started_path(record_path)
-    digest = _section_digest(ctx.cfg, spec.sections)
+    digest = ctx.cfg.digest(spec.sections)
     inputs = _input_digests(ctx, list(mod.inputs(ctx)))
     ctx.resume = not ctx.force and (_matches(record_path, digest, inputs) or _matches(started_path, digest, inputs))
     if record_path.exists():
