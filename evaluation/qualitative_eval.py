@@ -8,7 +8,6 @@ Rows are labelled ``<run> <kind>``; columns are the chosen test images (or a see
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import sys
 

@@ -17,7 +17,6 @@ evaluates the runs not yet evaluated and writes one table across subjects and va
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import fnmatch
 import logging

@@ -19,7 +19,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def build_parser(dataset: str | None, prog: str | None = None, steps: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=f"recon-diffuser: Brain-Diffuser pipeline"
+    p = argparse.ArgumentParser(prog=prog, description="recon-diffuser: Brain-Diffuser pipeline"
                                 + (f" for {dataset}" if dataset else ""))
     p.add_argument("--config", "-c", action="append", default=[],
                    help="TOML config file(s), applied after configs/<dataset>.toml (repeatable)")

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from pipeline.cli import dataset_main
 from pipeline.common_format import part_path, read_split, subject_dir
