@@ -39,27 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-MB = 2**20
-
-
-def rss_now_bytes() -> int:
-    """Current resident set (VmRSS) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process's address space (VmHWM, Linux).
-
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: across fork + exec that keeps the high-water mark of
-    the forked copy of the PARENT, so a child started by a big parent reports the parent's size.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
+from memory import MB, peak_rss_bytes, rss_now_bytes  # noqa: E402  (benchmarks/memory.py)
 
 
 def naive_prepare(raw: Path, out: Path, n_sessions: int) -> None:

@@ -45,30 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from memory import MB, peak_rss_bytes, rss_now_bytes  # noqa: E402  (benchmarks/memory.py)
 from regression.ridge import MultiTargetRidge, rescale_predictions  # noqa: E402
 
 ALPHAS = {"vdvae": 5e4, "cliptext": 1e5, "clipvision": 6e4}  # method.md §4.2
-MB = 2**20
-
-
-def rss_now_bytes() -> int:
-    """Current resident set (VmRSS) of this process, from /proc (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process's address space (VmHWM, Linux).
-
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: across fork + exec that keeps the high-water mark of
-    the forked copy of the PARENT, so a child started by a big parent reports the parent's size.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
 
 
 def make_data(n, n_test, voxels, dims, seed, chunk=8192):
