@@ -17,13 +17,7 @@ CAPTIONS = [["a red square", "a crimson block"], ["a blue circle on the left"], 
             ["a dog on grass"], ["an orange triangle", "a cone"]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from models.vdvae import (
 from pipeline.errors import UserError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny convs are far faster single-threaded (no oversubscription on shared CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

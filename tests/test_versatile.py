@@ -16,13 +16,7 @@ N = 3
 STEPS = 10  # DDIM grid 1, 101, …, 901; strength 0.75 → 7 steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed threads on a shared CPU are very slow."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
