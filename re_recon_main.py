@@ -136,10 +136,9 @@ def run(args) -> None:
 
 
 def _submit(executor, exp, task, log_dir: Path, args):
-    os.environ["RECON_TASK_LOG"] = str(log_dir)
     job = executor.submit(ex.run_task, str(exp.path), task.name, args.device, tuple(args.config),
                           tuple(args.overrides), not args.no_progress)
-    print(f"submitted {task.name} (job {job.job_id}, logs in {log_dir})")
+    print(f"submitted {task.name} (job {job.job_id}, log {getattr(job.paths, 'stderr', log_dir)})")
     return job
 
 

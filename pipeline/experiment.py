@@ -323,6 +323,17 @@ def status_path(cfg: Config, task: Task) -> Path:
     return Path(cfg.paths.results_dir).expanduser() / "experiments" / task.experiment / "tasks" / f"{task.name}.json"
 
 
+def _job_info() -> dict:
+    """The submitit job id and log file of the running task ('' outside submitit)."""
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+        return {"job_id": str(env.job_id), "log": str(env.paths.stderr)}
+    except (RuntimeError, KeyError):  # not in a job, or a finished in-process debug job's leftovers
+        return {"job_id": "", "log": ""}
+
+
 def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra_overrides=(),
              progress: bool = True) -> str:
     """Run every step of one task (the function submitit executes). Returns the task name."""
@@ -338,7 +349,7 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
     cfg = task_config(exp, task, extra_configs, extra_overrides)
     device = resolve_device(device or cfg.run.device)
     state = status_path(cfg, task)
-    record = {"task": task.name, "state": "running", "pid": os.getpid(), "log": os.environ.get("RECON_TASK_LOG", "")}
+    record = {"task": task.name, "state": "running", "pid": os.getpid(), **_job_info()}
     io.save_json(state, record)
     try:
         base = Layout(cfg, task.subject, "base")

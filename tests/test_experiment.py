@@ -104,7 +104,7 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert "1 to run" in capsys.readouterr().out
     assert re_recon_main.main(args + ["--status"]) == 0
     status = capsys.readouterr().out
-    assert status.count(" done ") == 4
+    assert status.count(" done ") == 4 and status.count("_log.err") == 4  # each task's own log file
 
 
 def test_slurm_path_up_to_submission(tmp_path):
