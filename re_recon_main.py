@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline import experiment as ex
+from pipeline import io
 from pipeline.cli import guarded, setup_logging
 from pipeline.errors import UserError
 
@@ -138,7 +139,10 @@ def run(args) -> None:
 def _submit(executor, exp, task, log_dir: Path, args):
     job = executor.submit(ex.run_task, str(exp.path), task.name, args.device, tuple(args.config),
                           tuple(args.overrides), not args.no_progress)
-    print(f"submitted {task.name} (job {job.job_id}, log {getattr(job.paths, 'stderr', log_dir)})")
+    log = str(job.paths.stderr)
+    io.save_json(ex.job_path(ex.task_config(exp, task, args.config, args.overrides), task),
+                 {"job_id": str(job.job_id), "log": log})
+    print(f"submitted {task.name} (job {job.job_id}, log {log})")
     return job
 
 

@@ -323,17 +323,6 @@ def status_path(cfg: Config, task: Task) -> Path:
     return Path(cfg.paths.results_dir).expanduser() / "experiments" / task.experiment / "tasks" / f"{task.name}.json"
 
 
-def _job_info() -> dict:
-    """The submitit job id and log file of the running task ('' outside submitit)."""
-    import submitit
-
-    try:
-        env = submitit.JobEnvironment()
-        return {"job_id": str(env.job_id), "log": str(env.paths.stderr)}
-    except (RuntimeError, KeyError):  # not in a job, or a finished in-process debug job's leftovers
-        return {"job_id": "", "log": ""}
-
-
 def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra_overrides=(),
              progress: bool = True) -> str:
     """Run every step of one task (the function submitit executes). Returns the task name."""
@@ -349,7 +338,7 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
     cfg = task_config(exp, task, extra_configs, extra_overrides)
     device = resolve_device(device or cfg.run.device)
     state = status_path(cfg, task)
-    record = {"task": task.name, "state": "running", "pid": os.getpid(), **_job_info()}
+    record = {"task": task.name, "state": "running", "pid": os.getpid()}
     io.save_json(state, record)
     try:
         base = Layout(cfg, task.subject, "base")
@@ -393,10 +382,17 @@ def task_complete(exp: Experiment, task: Task, extra_configs=(), extra_overrides
     return True
 
 
+def job_path(cfg: Config, task: Task) -> Path:
+    """Where the submitter records the task's submitit job id and log file."""
+    return status_path(cfg, task).with_suffix(".job.json")
+
+
 def task_state(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()) -> dict:
     cfg = task_config(exp, task, extra_configs, extra_overrides)
     path = status_path(cfg, task)
     record = io.load_json(path) if path.is_file() else {"state": "pending"}
+    if job_path(cfg, task).is_file():
+        record.update(io.load_json(job_path(cfg, task)))
     if task_complete(exp, task, extra_configs, extra_overrides):
         record["state"] = "done"
     elif record.get("state") == "done":
