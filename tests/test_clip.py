@@ -269,3 +269,25 @@ def test_missing_or_incomplete_folder_is_a_user_error(emb, tmp_path):
     CLIPTextModel(emb.text_model.config).save_pretrained(tmp_path / "vd2" / "text_encoder")
     with pytest.raises(UserError, match="text_projection"):
         CLIPEmbedder.from_pretrained(tmp_path / "vd2")
+
+
+def test_embeddings_equal_diffusers_versatile_diffusion_encoders():
+    """Our normalised CLIP-text and CLIP-vision tokens equal diffusers' own Versatile Diffusion
+    encoders (the dual-guided pipeline's ``_encode_text_prompt`` / ``_encode_image_prompt``)."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.deprecated.versatile_diffusion.pipeline_versatile_diffusion_dual_guided import (
+        VersatileDiffusionDualGuidedPipeline as VD,
+    )
+    from PIL import Image
+
+    emb = CLIPEmbedder.tiny(seed=3)
+    host = SimpleNamespace(tokenizer=emb.tokenizer, text_encoder=emb.text_model, image_encoder=emb.vision_model,
+                           image_feature_extractor=emb.image_processor)
+    prompts = ["a red square on a blue background", "two cats"]
+    theirs = VD._encode_text_prompt(host, prompts, "cpu", 1, False)
+    np.testing.assert_allclose(emb.encode_text(prompts).numpy(), theirs.numpy(), atol=1e-5)
+    images = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    theirs = VD._encode_image_prompt(host, [Image.fromarray(i) for i in images], "cpu", 1, False)
+    ours = emb.encode_pixels(emb.pixel_values(images, reference_resize=False))
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
