@@ -55,6 +55,11 @@ def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
     }
 
 
+def bin_variant(f: RemoteFile) -> RemoteFile:
+    """``diffusion_pytorch_model.safetensors`` → ``diffusion_pytorch_model.bin`` (same folder)."""
+    return RemoteFile(f.key[: -len(".safetensors")] + ".bin", url=f.url[: -len(".safetensors")] + ".bin")
+
+
 def main(argv=None) -> int:
     from pipeline.cli import guarded
 
@@ -68,11 +73,17 @@ def main(argv=None) -> int:
     def go():
         chosen = groups()
         files = [f for name, fs in chosen.items() if not args.only or name in args.only for f in fs]
-        status = download(files, Path(args.weights_dir), dry_run=args.dry_run)
-        if not args.dry_run:
-            bad = [k for k, s in status.items() if s not in ("skipped", "resumed", "downloaded")]
-            if bad:
-                raise UserError(f"{bad[0]}: could not be fetched")
+        if args.dry_run:
+            download(files, Path(args.weights_dir), dry_run=True)
+            return
+        for f in files:
+            try:
+                download([f], Path(args.weights_dir))
+            except UserError:
+                if not f.key.endswith(".safetensors"):
+                    raise
+                # some diffusers repos hold only the .bin form; diffusers reads it with weights_only
+                download([bin_variant(f)], Path(args.weights_dir))
             print(f"weights complete in {args.weights_dir}")
             if not args.only or "icnn" in args.only:
                 print("iCNN: unzip the two archives in <weights_dir>/icnn/ and point icnn.vgg19, icnn.generator and "

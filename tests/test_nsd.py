@@ -337,3 +337,4 @@ def test_main_script_lists_subjects_and_prepares(tmp_path, capsys):
     assert "1, 2" in capsys.readouterr().out
     assert dataset_main("nsd", args + ["--only", "prepare"]) == 0
     assert len(read_split(subject_dir(tmp_path / "data", "nsd", "1"), "test", "1")) > 0
+
