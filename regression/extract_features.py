@@ -21,6 +21,7 @@ from models import load as load_models
 from pipeline import io
 from pipeline.cli import step_main
 from pipeline.common_format import read_split
+from pipeline.errors import UserError
 from pipeline.layout import TARGETS
 from pipeline.variant import load_variant, variant_files
 
@@ -127,9 +128,10 @@ def inputs(ctx) -> list[Path]:
 def train_targets(layout, target: str, mmap: bool = True) -> np.ndarray:
     """Training targets of ``target`` for ``layout``'s variant, before row selection."""
     own = layout.features(target, "train")
-    if layout.variant != "base" and own.is_file():
-        return io.load_npy(own, mmap_mode="r" if mmap else None)
-    return io.load_npy(layout.base.features(target, "train"), mmap_mode="r" if mmap else None)
+    path = own if (layout.variant != "base" and own.is_file()) else layout.base.features(target, "train")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the features step first)")
+    return io.load_npy(path, mmap_mode="r" if mmap else None)
 
 
 def main(argv=None) -> int:
