@@ -3,6 +3,7 @@
     python -m models.weights --weights-dir weights --dry-run    # what is missing, and sizes
     python -m models.weights --weights-dir weights              # fetch what is missing (resumable)
     python -m models.weights --only vdvae clip                  # a subset
+    python -m models.weights --weights-dir weights --check      # load each with the pipeline's loaders
 
 Files land at the paths the config expects by default (``[models]`` and the evaluation networks'
 file names), so no path needs editing afterwards. Downloads resume from ``.part`` files and a file
@@ -55,6 +56,49 @@ def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
     }
 
 
+def check(weights_dir: Path, only=None, device: str = "cpu") -> list[tuple[str, str]]:
+    """Load every model with the pipeline's own loaders: [(group, 'ok: …' or the error line)]."""
+    from pipeline.config import load_config
+
+    cfg = load_config([], [f"paths.weights_dir={weights_dir}"])
+    out = []
+
+    def attempt(name, fn):
+        if only and name not in only:
+            return
+        try:
+            out.append((name, "ok: " + fn()))
+        except UserError as exc:
+            out.append((name, str(exc)))
+
+    def vdvae():
+        from models import load
+
+        model = load.vdvae(cfg, device)
+        return f"{sum(p.numel() for p in model.parameters()):,} parameters loaded strictly"
+
+    def clip():
+        from models import load
+
+        emb = load.clip(cfg, device)
+        return f"text {tuple(emb.encode_text(['a photo']).shape)}, vision {emb.n_image_tokens} tokens"
+
+    def versatile():
+        from models import load
+
+        comps = load.versatile(cfg, device)
+        return f"image UNet with {sum(p.numel() for p in comps.image_unet.parameters()):,} parameters (dual attention)"
+
+    def evaluation():
+        from evaluation.networks import load_eval_networks
+
+        return ", ".join(load_eval_networks(weights_dir, device))
+
+    for name, fn in (("vdvae", vdvae), ("clip", clip), ("versatile", versatile), ("eval", evaluation)):
+        attempt(name, fn)
+    return out
+
+
 def bin_variant(f: RemoteFile) -> RemoteFile:
     """``diffusion_pytorch_model.safetensors`` → ``diffusion_pytorch_model.bin`` (same folder)."""
     return RemoteFile(f.key[: -len(".safetensors")] + ".bin", url=f.url[: -len(".safetensors")] + ".bin")
@@ -67,10 +111,20 @@ def main(argv=None) -> int:
     p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR", "weights"))
     p.add_argument("--only", nargs="+", choices=("vdvae", "clip", "versatile", "eval", "icnn"), default=None)
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and what is present")
+    p.add_argument("--check", action="store_true", help="load every model from weights-dir and report")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
     def go():
+        if args.check:
+            results = check(Path(args.weights_dir), args.only, args.device)
+            for name, line in results:
+                print(f"{name:<10} {line}")
+            bad = [name for name, line in results if not line.startswith("ok: ")]
+            if bad:
+                raise UserError(f"{args.weights_dir}: {len(bad)} model(s) not loadable: {', '.join(bad)}")
+            return
         chosen = groups()
         files = [f for name, fs in chosen.items() if not args.only or name in args.only for f in fs]
         if args.dry_run:
