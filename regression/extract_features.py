@@ -40,14 +40,13 @@ def _vdvae_features(model, stim, n_groups, batch_size, seed, path, progress):
 
 
 def _clip_features(encode, items, path, desc, progress):
-    """Encode ``items`` chunk by chunk into a float32 memmap at ``path``."""
-    first = encode(items[:1])
-    shape = (len(items),) + tuple(first.shape[1:])
-    with io.atomic_memmap(path, shape, np.float32) as out:
-        for start in tqdm(range(0, len(items), CHUNK), desc=desc, disable=not progress or len(items) <= CHUNK,
+    """Encode ``items`` chunk by chunk into a float32 memmap at ``path`` (shaped by the first chunk)."""
+    first = encode(items[:CHUNK])
+    with io.atomic_memmap(path, (len(items),) + tuple(first.shape[1:]), np.float32) as out:
+        out[: len(first)] = first
+        for start in tqdm(range(CHUNK, len(items), CHUNK), desc=desc, disable=not progress or len(items) <= CHUNK,
                           unit="chunk"):
-            stop = min(start + CHUNK, len(items))
-            out[start:stop] = encode(items[start:stop])
+            out[start:start + CHUNK] = encode(items[start:start + CHUNK])
 
 
 def _warn_missing_captions(cap: np.ndarray, split: str) -> None:
@@ -125,10 +124,15 @@ def inputs(ctx) -> list[Path]:
     return paths + variant_files(ctx.layout)
 
 
+def train_target_path(layout, target: str) -> Path:
+    """The training-target file of ``layout``'s variant: its own re-extracted one, else the base run's."""
+    own = layout.features(target, "train")
+    return own if (layout.variant != "base" and own.is_file()) else layout.base.features(target, "train")
+
+
 def train_targets(layout, target: str, mmap: bool = True) -> np.ndarray:
     """Training targets of ``target`` for ``layout``'s variant, before row selection."""
-    own = layout.features(target, "train")
-    path = own if (layout.variant != "base" and own.is_file()) else layout.base.features(target, "train")
+    path = train_target_path(layout, target)
     if not path.is_file():
         raise UserError(f"{path}: file not found (run the features step first)")
     return io.load_npy(path, mmap_mode="r" if mmap else None)

@@ -15,9 +15,10 @@ import numpy as np
 from pipeline import io
 from pipeline.cli import step_main
 from pipeline.common_format import part_path, read_split
+from pipeline.errors import UserError
 from pipeline.layout import TARGETS
 from pipeline.variant import load_variant, variant_files
-from regression.extract_features import train_targets
+from regression.extract_features import train_target_path, train_targets
 
 log = logging.getLogger("recon")
 
@@ -31,24 +32,16 @@ def training_data(ctx):
     Y = {t: train_targets(layout, t) for t in TARGETS}
     X = train.fmri
     if test.fmri.shape[1] != X.shape[1]:
-        from pipeline.errors import UserError
-
         raise UserError(f"{part_path(layout.base.data_dir, 'test', 'fmri', ctx.subject)}: {test.fmri.shape[1]} voxels "
                         f"but the training fMRI has {X.shape[1]}")
     for t, y in Y.items():
         if y.shape[0] != X.shape[0]:
-            raise_mismatch(layout, t, y.shape[0], X.shape[0])
+            raise UserError(f"{train_target_path(layout, t)}: {y.shape[0]} rows but the training fMRI has "
+                            f"{X.shape[0]} (rerun the features step with --force)")
     if variant.indices is not None:
         X = X[variant.indices]
         Y = {t: np.asarray(y[variant.indices]) for t, y in Y.items()}
     return X, test.fmri, Y
-
-
-def raise_mismatch(layout, target, n_y, n_x):
-    from pipeline.errors import UserError
-
-    raise UserError(f"{layout.features(target, 'train')}: {n_y} rows but the training fMRI has {n_x} "
-                    f"(rerun the features step with --force)")
 
 
 def run(ctx) -> None:
@@ -104,10 +97,7 @@ def outputs(ctx) -> list[Path]:
 def inputs(ctx) -> list[Path]:
     layout = ctx.layout
     d = layout.base.data_dir
-    feats = []
-    for t in TARGETS:
-        own = layout.features(t, "train")
-        feats.append(own if (layout.variant != "base" and own.is_file()) else layout.base.features(t, "train"))
+    feats = [train_target_path(layout, t) for t in TARGETS]
     return [part_path(d, s, "fmri", ctx.subject) for s in ("train", "test")] + feats + variant_files(layout)
 
 
