@@ -58,9 +58,7 @@ def fraction_plot(path: Path, rows: list[dict], kinds: tuple[str, ...]) -> Path 
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"{' vs '.join(kinds)}: metric vs training fraction (fraction 1 = full data)", fontsize=10)
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    io.save_figure(path, fig)
     return path
 
 

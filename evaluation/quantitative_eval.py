@@ -163,9 +163,7 @@ def _bar_plot(path: Path, rows: list[dict], title: str) -> None:
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    io.save_figure(path, fig)
 
 
 def collect(results_root: Path, patterns: list[str]) -> list[dict]:
@@ -260,9 +258,7 @@ def summary_plot(path: Path, summary: list[dict], images: str = "versatile") -> 
         ax.set_title(f"{m} {arrows[m]}", fontsize=9)
     fig.suptitle(f"{images}: mean ± s.e.m. across subjects", fontsize=10)
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    io.save_figure(path, fig)
 
 
 def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] | None = None) -> Path:

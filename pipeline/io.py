@@ -114,3 +114,13 @@ def atomic_memmap(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> Ite
         yield arr
         arr.flush()
         del arr
+
+
+def save_figure(path: str | os.PathLike, fig) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
