@@ -238,8 +238,7 @@ def expand(entry: dict[str, Any], source: str) -> list[VariantSpec]:
     for combo in itertools.product(*grids):
         params = dict(zip(keys, combo))
         builder = tuple((k, v) for k, v in params.items() if "." not in k)
-        overrides = tuple(f"{k}={_fmt(v) if not isinstance(v, bool) else str(v).lower()}"
-                          for k, v in params.items() if "." in k)
+        overrides = tuple(f"{k}={_toml_scalar(v)}" for k, v in params.items() if "." in k)  # exact values
         name = variant_name(name_prefix or method, params)
         out.append(VariantSpec(name, method, builder, overrides))
     return out
@@ -290,10 +289,14 @@ def load_experiment(name_or_path: str) -> Experiment:
 
 
 def _toml_scalar(v: Any) -> str:
+    """A TOML value as the exact ``--set`` text (floats keep every digit; 0.0 reads as 0)."""
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, list):
-        return ",".join(str(x) for x in v)
+        return ",".join(_toml_scalar(x) for x in v)
+    if isinstance(v, float):
+        text = repr(v)
+        return text[:-2] if text.endswith(".0") else text
     return str(v)
 
 

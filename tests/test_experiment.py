@@ -31,16 +31,21 @@ def test_grid_expansion_names_and_overrides(tmp_path):
         [[variants]]
         method = "settings"
         "versatile.mix_text" = [0.0, 0.99]
+        [[variants]]
+        method = "settings"
+        "versatile.strength" = 0.123456789
     """)
     exp = ex.load_experiment(str(path))
     names = [v.name for v in exp.variants]
-    assert names[0] == "base" and len(names) == 1 + 4 + 2
+    assert names[0] == "base" and len(names) == 1 + 4 + 2 + 1
     assert "random_fraction-0.25_draw-1" in names and "settings_mix_text-0.99" in names
     tasks = ex.all_tasks(exp)
-    assert len(tasks) == 14 and tasks[0].name == "sub1__base"
+    assert len(tasks) == 16 and tasks[0].name == "sub1__base"
     mix = next(v for v in exp.variants if v.name == "settings_mix_text-0")
     cfg = ex.task_config(exp, ex.Task(exp.name, "1", mix))
     assert cfg.versatile.mix_text == 0.0 and cfg.run.variant == "settings_mix_text-0"
+    precise = next(v for v in exp.variants if v.name.startswith("settings_strength"))
+    assert ex.task_config(exp, ex.Task(exp.name, "1", precise)).versatile.strength == 0.123456789  # not rounded
 
 
 @pytest.mark.parametrize("body, needle", [
