@@ -64,7 +64,7 @@ def fraction_plot(path: Path, rows: list[dict], kinds: tuple[str, ...]) -> Path 
 
 def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
     from evaluation.qualitative_eval import variant_grid
-    from evaluation.quantitative_eval import _write_csv, long_table, write_summary
+    from evaluation.quantitative_eval import long_table, write_summary
     from pipeline.common_format import read_split
 
     cfg0 = exp.config(list(extra_overrides), list(extra_configs))
@@ -81,15 +81,13 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
     if not records:
         io.save_json(out / "metrics_summary.json", {"runs": [], "summary": []})
         return out
-    write_summary(out, records)
     rows = long_table(records)
     for r in rows:
         spec = specs[r["variant"]]
-        params = dict(spec.params)
         r["method"] = spec.method
         r["method_label"] = _label(spec)
-        r["fraction"] = params.get("fraction")
-    _write_csv(out / "metrics_long.csv", rows)
+        r["fraction"] = dict(spec.params).get("fraction")
+    write_summary(out, records, rows=rows)
     kinds = sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")})
     for kind in kinds:
         fraction_plot(out / f"fraction_{kind}.png", rows, (kind,))

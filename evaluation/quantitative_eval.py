@@ -261,8 +261,11 @@ def summary_plot(path: Path, summary: list[dict], images: str = "versatile") -> 
     io.save_figure(path, fig)
 
 
-def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] | None = None) -> Path:
-    rows = long_table(records)
+def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] | None = None,
+                  rows: list[dict] | None = None) -> Path:
+    """Long table, summary (mean ± s.e.m.), plots and optional paired tests of ``records``;
+    ``rows``: the long table of ``records`` when the caller has already built (and annotated) it."""
+    rows = long_table(records) if rows is None else rows
     summary = summary_table(rows)
     _write_csv(out_dir / "metrics_long.csv", rows)
     _write_csv(out_dir / "metrics_summary.csv", summary)
