@@ -1,7 +1,6 @@
 """Versions and digests recorded beside every output, so a result says what made it."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -26,19 +25,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def file_digest(path: str | os.PathLike, quick: bool = True) -> str:
-    """A content digest; ``quick`` hashes size, mtime and the first/last MiB (large arrays)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    st = path.stat()
-    if quick and st.st_size > 4 * 2**20:
-        h.update(f"{st.st_size}".encode())
-        with open(path, "rb") as fh:
-            h.update(fh.read(2**20))
-            fh.seek(-(2**20), os.SEEK_END)
-            h.update(fh.read(2**20))
-    else:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(2**22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+def file_digest(path: str | os.PathLike) -> str:
+    """A digest of every byte of ``path`` (a same-size change anywhere in the file is seen)."""
+    from pipeline.digests import content_digest
+
+    return content_digest(path)

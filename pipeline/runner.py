@@ -3,8 +3,10 @@
 A step is a module with ``run(ctx)`` (does the work, writes atomically), ``outputs(ctx)`` (the files
 that must exist when it is complete) and ``inputs(ctx)`` (files whose content it depends on). After a
 successful run the runner writes ``<step>.done.json`` with the config digest of the sections the
-step reads, input digests and versions. A rerun skips a step whose outputs exist and whose record
-still matches; ``--force`` redoes it.
+step reads, content digests of what it read and of what it wrote (``pipeline.digests``), and
+versions. A rerun skips a step whose outputs exist and whose record still matches, so a change
+upstream redoes exactly the steps downstream of it; ``--force`` redoes it. Each step runs under a
+lock (``pipeline.locks``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from pipeline import io
 from pipeline.config import Config, to_toml
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.provenance import file_digest, versions
+from pipeline.digests import DigestCache, record_outputs
+from pipeline.locks import remove_stale_temps, step_lock
+from pipeline.provenance import versions
 
 log = logging.getLogger("recon")
 
@@ -95,31 +99,44 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _input_digests(ctx: "Context", paths: list[Path]) -> dict[str, str]:
-    """{path: content digest}; paths are recorded relative to the data/results roots, so a results
-    folder copied to another machine or path stays complete."""
+def _input_key(ctx: "Context", path: Path) -> str:
+    """An input's name in a record: relative to the data/results roots, so a results folder copied
+    to another machine or path stays complete."""
     roots = [Path(ctx.cfg.paths.results_dir).expanduser().resolve(), Path(ctx.cfg.paths.data_dir).expanduser().resolve()]
-    out = {}
-    for p in paths:
-        p = Path(p)
-        key = str(p)
-        for tag, root in zip(("results", "data"), roots):
-            try:
-                key = f"<{tag}>/{p.resolve().relative_to(root).as_posix()}"
-                break
-            except ValueError:
-                continue
-        if p.is_file():
-            out[key] = file_digest(p)
-        elif p.is_dir():
-            out[key] = f"dir:{len(list(p.iterdir()))}"
-        else:
-            out[key] = "missing"
-    return out
+    for tag, root in zip(("results", "data"), roots):
+        try:
+            return f"<{tag}>/{Path(path).resolve().relative_to(root).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _input_digests(ctx: "Context", paths: list[Path], cache: DigestCache) -> dict[str, str]:
+    """{input: content digest}; folders by the digests of their members (see pipeline.digests)."""
+    return {_input_key(ctx, Path(p)): cache.digest(p) for p in paths}
+
+
+def _load_record(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        record = io.load_json(path)
+    except UserError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _cache_for(*records: dict | None) -> DigestCache:
+    """A digest cache primed with the input files these records saw (unchanged ones are not re-hashed)."""
+    hints: dict[str, list] = {}
+    for record in records:
+        if record:
+            hints.update(record.get("input_files") or {})
+    return DigestCache(hints)
 
 
 def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
-    """(complete?, reason) — outputs all present and the record matches config and inputs."""
+    """(complete?, reason) — outputs all present and the record matches config and input contents."""
     mod = spec.load()
     record_path = ctx.layout.record(spec.name)
     if not record_path.is_file():
@@ -127,14 +144,16 @@ def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
     missing = [p for p in mod.outputs(ctx) if not Path(p).exists()]
     if missing:
         return False, f"missing output {missing[0]}"
-    try:
-        record = io.load_json(record_path)
-    except UserError:
+    record = _load_record(record_path)
+    if record is None:
         return False, "unreadable completion record"
     if record.get("config_digest") != ctx.cfg.digest(spec.sections):
         return False, "configuration changed"
-    if record.get("inputs") != _input_digests(ctx, list(mod.inputs(ctx))):
-        return False, "inputs changed"
+    current = _input_digests(ctx, list(mod.inputs(ctx)), _cache_for(record))
+    if record.get("inputs") != current:
+        changed = sorted(k for k in set(current) | set(record.get("inputs") or {})
+                         if current.get(k) != (record.get("inputs") or {}).get(k))
+        return False, f"input changed: {changed[0]}" if changed else "inputs changed"
     return True, "complete"
 
 
@@ -142,25 +161,30 @@ def _started_path(record_path: Path) -> Path:
     return record_path.with_name(record_path.name.replace(".done.json", ".started.json"))
 
 
-def _matches(path: Path, digest: str, inputs: dict) -> bool:
-    """Does the record at ``path`` describe a run with this config digest and these inputs?"""
-    if not path.is_file():
-        return False
-    try:
-        record = io.load_json(path)
-    except UserError:
-        return False
-    return record.get("config_digest") == digest and record.get("inputs") == inputs
+def _lock_path(record_path: Path) -> Path:
+    return record_path.with_name(record_path.name.replace(".done.json", ".lock"))
+
+
+def _matches(record: dict | None, digest: str, inputs: dict) -> bool:
+    """Does ``record`` describe a run with this config digest and these inputs?"""
+    return bool(record) and record.get("config_digest") == digest and record.get("inputs") == inputs
 
 
 def run_step(spec: StepSpec, ctx: Context) -> bool:
     """Run one step unless complete; returns True when it ran.
 
+    The step runs under its lock (a second run on the same output folder stops with one line).
     Outputs already on disk are kept (``ctx.resume``) only when a completion or start record shows
     they were made with the same config and inputs; otherwise the step starts afresh.
     """
-    mod = spec.load()
+    record_path = ctx.layout.record(spec.name)
     where = f"sub{ctx.subject}/{ctx.variant}"
+    with step_lock(_lock_path(record_path), f"step {spec.name} for {where}"):
+        return _run_locked(spec, ctx, record_path, where)
+
+
+def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str) -> bool:
+    mod = spec.load()
     if not ctx.force:
         done, reason = is_complete(spec, ctx)
         if done:
@@ -168,28 +192,37 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
             return False
     else:
         reason = "--force"
-    record_path = ctx.layout.record(spec.name)
     started_path = _started_path(record_path)
     digest = ctx.cfg.digest(spec.sections)
-    inputs = _input_digests(ctx, list(mod.inputs(ctx)))
-    ctx.resume = not ctx.force and (_matches(record_path, digest, inputs) or _matches(started_path, digest, inputs))
+    done_record, started_record = _load_record(record_path), _load_record(started_path)
+    cache = _cache_for(done_record, started_record)
+    inputs = _input_digests(ctx, list(mod.inputs(ctx)), cache)
+    ctx.resume = not ctx.force and (_matches(done_record, digest, inputs) or _matches(started_record, digest, inputs))
     if record_path.exists():
         record_path.unlink()  # a half-redone step must not look complete
-    io.save_json(started_path, {"step": spec.name, "config_digest": digest, "inputs": inputs})
+    removed = remove_stale_temps([*_safe_outputs(mod, ctx), record_path, started_path])
+    if removed:
+        log.info("[%s] %s: removed %d temp file(s) left by an interrupted run", spec.name, where, len(removed))
+    io.save_json(started_path, {"step": spec.name, "config_digest": digest, "inputs": inputs,
+                                "input_files": cache.seen})
     log.info("[%s] %s: start (%s%s)", spec.name, where, reason, ", resuming" if ctx.resume else "")
     t0 = time.perf_counter()
     mod.run(ctx)
     elapsed = time.perf_counter() - t0
-    missing = [p for p in mod.outputs(ctx) if not Path(p).exists()]
+    outputs = [Path(p) for p in mod.outputs(ctx)]
+    missing = [p for p in outputs if not p.exists()]
     if missing:
         raise RuntimeError(f"step {spec.name} finished without writing {missing[0]}")
+    cache = DigestCache(cache.seen)
     record = {
         "step": spec.name,
         "subject": ctx.subject,
         "variant": ctx.variant,
         "config_digest": digest,
-        "inputs": _input_digests(ctx, list(mod.inputs(ctx))),
-        "outputs": [str(p) for p in mod.outputs(ctx)],
+        "inputs": _input_digests(ctx, list(mod.inputs(ctx)), cache),
+        "input_files": cache.seen,
+        "outputs": [str(p) for p in outputs],
+        "output_digests": record_outputs(record_path.parent, outputs),
         "seconds": round(elapsed, 3),
         "device": ctx.device,
         "versions": versions(),
@@ -201,6 +234,14 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     started_path.unlink(missing_ok=True)
     log.info("[%s] %s: done in %.1f s", spec.name, where, elapsed)
     return True
+
+
+def _safe_outputs(mod, ctx: Context) -> list[Path]:
+    """The step's outputs, or none when they cannot be listed yet (their inputs are missing)."""
+    try:
+        return [Path(p) for p in mod.outputs(ctx)]
+    except UserError:
+        return []
 
 
 def select_steps(only: list[str] | None = None, start: str | None = None) -> list[StepSpec]:
