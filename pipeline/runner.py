@@ -179,13 +179,16 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     """
     record_path = ctx.layout.record(spec.name)
     where = f"sub{ctx.subject}/{ctx.variant}"
+    if not ctx.force and is_complete(spec, ctx)[0]:  # read-only: parallel tasks sharing a step need no lock
+        log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
+        return False
     with step_lock(_lock_path(record_path), f"step {spec.name} for {where}"):
         return _run_locked(spec, ctx, record_path, where)
 
 
 def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str) -> bool:
     mod = spec.load()
-    if not ctx.force:
+    if not ctx.force:  # checked again under the lock: a run that held it may just have finished
         done, reason = is_complete(spec, ctx)
         if done:
             log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
