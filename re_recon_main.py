@@ -146,6 +146,27 @@ def _submit(executor, exp, task, log_dir: Path, args):
     return job
 
 
+def _job_finished(job) -> bool:
+    """Whether submitit's job has ended (process state or scheduler state; its result pickle is
+    never read: outcomes come from the project's own task record)."""
+    try:
+        return job.done()
+    except Exception:  # noqa: BLE001 - the debug executor runs the task inside done() and re-raises
+        return True
+
+
+def task_outcome(exp, task, args, log: str) -> tuple[str, str]:
+    """('done', '') or ('failed', one line) from the task's JSON record written by ``run_task``."""
+    path = ex.status_path(ex.task_config(exp, task, args.config, args.overrides), task)
+    record = io.load_json(path) if path.is_file() else {}
+    state = record.get("state")
+    if state == "done":
+        return "done", ""
+    if state == "failed":
+        return "failed", " ".join(str(record.get("error", "")).split()) or "failed"
+    return "failed", f"the task ended without recording an outcome (state {state or 'none'}; see {log})"
+
+
 def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
     """Base tasks first (their features are reused by every other variant), then the rest.
 
@@ -173,16 +194,15 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
                 running.append((task, _submit(executor, exp, task, log_dir, args)))
             still = []
             for task, job in running:
-                if not job.done():
+                if not _job_finished(job):
                     still.append((task, job))
                     continue
-                try:
-                    job.result()
+                outcome, error = task_outcome(exp, task, args, str(job.paths.stderr))
+                if outcome == "done":
                     print(f"done      {task.name}")
-                except Exception as exc:  # one failed task must not stop the grid
-                    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    failures.append((task.name, last))
-                    print(f"FAILED    {task.name}: {last}", file=sys.stderr)
+                else:  # one failed task must not stop the grid
+                    failures.append((task.name, error))
+                    print(f"FAILED    {task.name}: {error}", file=sys.stderr)
             running = still
             if running:
                 time.sleep(1.0)

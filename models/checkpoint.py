@@ -9,6 +9,15 @@ import torch
 from pipeline.errors import UserError
 
 
+def first_line(exc: BaseException) -> str:
+    """The gist of a loader's exception on one line: its first non-empty line, without torch's
+    advice to retry with ``weights_only=False`` (that would unpickle arbitrary code)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "WeightsUnpickler" not in ln] or lines[:0]
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from ``.th``/``.pt``/``.pth`` or ``.safetensors``.
 
@@ -25,8 +34,9 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any read failure is a bad file for the user
-        raise UserError(f"{path}: cannot read as a {what} state dict ({type(exc).__name__}: {exc}); "
-                        f"a module pickled whole must be re-saved as its state_dict()") from None
+        raise UserError(f"{path}: cannot read as a {what} state dict ({first_line(exc)}); the file is "
+                        "truncated or corrupt (download it again), or a module pickled whole (re-save its "
+                        "state_dict())") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -92,10 +92,40 @@ def guarded(fn, debug: bool) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder not writable, a path that is a file, a full disk: one line
+        if debug:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; completed steps and images are kept, rerun to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<file>: <reason>`` for an OSError (one line, no traceback)."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    text = f"{where}: {reason}" if where else reason
+    return " ".join(text.split())
+
+
+def check_output_dirs(cfg: Config, steps) -> None:
+    """Fail in seconds, not after hours, when an output root cannot be written: the results folder
+    (and the common-format folder when ``prepare`` runs) must be, or be creatable as, a writable folder."""
+    roots = [("paths.results_dir", cfg.paths.results_dir)]
+    if any(getattr(s, "name", s) == "prepare" for s in steps):
+        roots.append(("paths.data_dir", cfg.paths.data_dir))
+    for key, value in roots:
+        path = Path(value).expanduser()
+        existing = next((p for p in [path, *path.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UserError(f"{existing}: is a file, but {key} = {value!r} needs a folder there")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{existing}: folder not writable ({key} = {value!r})")
 
 
 def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
@@ -116,6 +146,7 @@ def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
             print(subject_table(cfg))
             return
         steps = select_steps(args.only, args.start)
+        check_output_dirs(cfg, steps)
         run_pipeline(cfg, steps, cfg.run.subjects, cfg.run.device, force=args.force,
                      progress=not args.no_progress)
 
@@ -133,6 +164,7 @@ def step_main(step: str, argv: list[str] | None = None) -> int:
 
     def go():
         cfg = config_from_args(args, args.dataset)
+        check_output_dirs(cfg, select_steps([step]))
         run_pipeline(cfg, select_steps([step]), cfg.run.subjects, cfg.run.device, force=args.force,
                      progress=not args.no_progress)
 
