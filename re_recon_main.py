@@ -26,7 +26,9 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="re_recon_main.py", description=__doc__.split("\n\n")[0])
+    from pipeline.cli import OneLineParser
+
+    p = OneLineParser(prog="re_recon_main.py", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="name in configs/experiments/ (or a path to a .toml file)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list tasks and whether they would run")

@@ -451,7 +451,9 @@ def make_client(base_url: str | None = None, api_key_env: str = DEFAULT_KEY_ENV,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ai_captions.generate", description=__doc__.split("\n\n")[0])
+    from pipeline.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m ai_captions.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", help="common-format root (paths.data_dir)")
     p.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
     p.add_argument("--subject", required=True, help="whose training split to caption (images are matched by id)")
@@ -483,6 +485,9 @@ def main(argv: Iterable[str] | None = None, client: Any = None, sleep: Callable[
     setup_logging(args.debug)
 
     def go():
+        from pipeline.config import check_name
+
+        check_name(args.subject, "--subject")
         prompts = select_prompts(args.prompt, args.prompts_file)
         data = read_split(subject_dir(Path(args.data_dir).expanduser(), args.dataset, args.subject), "train",
                           args.subject, parts=("stim", "ids"))

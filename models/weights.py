@@ -121,9 +121,9 @@ def check(weights_dir: Path, only=None, device: str = "cpu") -> list[tuple[str, 
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import guarded
+    from pipeline.cli import OneLineParser, guarded
 
-    p = argparse.ArgumentParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR", "weights"))
     p.add_argument("--only", nargs="+", choices=GROUPS, default=None,
                    help=f"groups to fetch (default: {' '.join(DEFAULT_GROUPS)}; vd_reference only on request)")

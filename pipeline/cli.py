@@ -18,8 +18,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2, like every
+    other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(dataset: str | None, prog: str | None = None, steps: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="recon-diffuser: Brain-Diffuser pipeline"
+    p = OneLineParser(prog=prog, description="recon-diffuser: Brain-Diffuser pipeline"
                                 + (f" for {dataset}" if dataset else ""))
     p.add_argument("--config", "-c", action="append", default=[],
                    help="TOML config file(s), applied after configs/<dataset>.toml (repeatable)")
