@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -9,13 +10,18 @@ import torch
 from pipeline.errors import UserError
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(exc: BaseException) -> str:
-    """The gist of a loader's exception on one line: its first non-empty line, without torch's
-    advice to retry with ``weights_only=False`` (that would unpickle arbitrary code)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if "weights_only" not in ln and "WeightsUnpickler" not in ln] or lines[:0]
-    text = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+    """The gist of a loader's exception in one short line: the first sentence of its first line,
+    never torch's advice to retry with ``weights_only=False`` (that would run arbitrary pickled code)."""
+    text = _ANSI.sub("", str(exc))
+    if "weights_only" in text or "Weights only load failed" in text or "WeightsUnpickler" in text:
+        return f"{type(exc).__name__}: it pickles objects other than tensors, which are never unpickled"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0].split(". ")[0] if lines else ""
+    return f"{type(exc).__name__}: {head[:200]}" if head else type(exc).__name__
 
 
 def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ publishes a digest, when it matches (the same transport as the NSD downloader).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path

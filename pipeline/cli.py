@@ -98,7 +98,7 @@ def guarded(fn, debug: bool) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever was quoted
         return 2
     except OSError as exc:  # a folder not writable, a path that is a file, a full disk: one line
         if debug:
@@ -127,13 +127,22 @@ def check_output_dirs(cfg: Config, steps) -> None:
     roots = [("paths.results_dir", cfg.paths.results_dir)]
     if any(getattr(s, "name", s) == "prepare" for s in steps):
         roots.append(("paths.data_dir", cfg.paths.data_dir))
+    import tempfile
+
     for key, value in roots:
         path = Path(value).expanduser()
         existing = next((p for p in [path, *path.parents] if p.exists()), None)
         if existing is not None and not existing.is_dir():
             raise UserError(f"{existing}: is a file, but {key} = {value!r} needs a folder there")
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{existing}: folder not writable ({key} = {value!r})")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot create the {key} folder ({exc.strerror or exc})") from None
+        try:  # permission bits say nothing for root or on a read-only mount: try it
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise UserError(f"{path}: folder not writable ({key}; {exc.strerror or exc})") from None
 
 
 def dataset_main(dataset: str, argv: list[str] | None = None) -> int:

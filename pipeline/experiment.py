@@ -246,7 +246,10 @@ def expand(entry: dict[str, Any], source: str) -> list[VariantSpec]:
         builder = tuple((k, v) for k, v in params.items() if "." not in k)
         overrides = tuple(f"{k}={_toml_scalar(v)}" for k, v in params.items() if "." in k)  # exact values
         name = check_name(variant_name(name_prefix or method, params), f"{source}: variant name")
-        load_config([], overrides)  # an unknown key or a bad value fails here, not in the task
+        try:  # an unknown key or a bad value fails here, not in the task
+            load_config([], overrides)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
         out.append(VariantSpec(name, method, builder, overrides))
     return out
 

@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport = LocalMirror(args.mirror) if args.mirror else HttpTransport()
         status = download(files, args.dest, transport, dry_run=args.dry_run, progress=not args.no_progress)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if not args.dry_run:
         counts = {s: list(status.values()).count(s) for s in ("downloaded", "resumed", "skipped")}

@@ -42,6 +42,7 @@ SMALL = ["--set", "synthetic.n_train=40", "--set", "synthetic.n_test=4", "--set"
          "--set", "versatile.num_inference_steps=4", "--set", "versatile.batch_size=2"]
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")
 SECRET = "sk-battery-secret-0123456789"
+UNSAFE_ADVICE = ("weights_only=False", "two options", "Traceback (most recent call last)")  # never shown
 
 
 @dataclass
@@ -284,6 +285,15 @@ def _vdvae_truncated(case, env):
     return ["-m", "models.weights", "--weights-dir", str(case / "weights"), "--check", "--only", "vdvae"]
 
 
+def _vdvae_pickled_module(case, env):
+    w = case / "weights" / "vdvae"
+    w.mkdir(parents=True)
+    import torch
+
+    torch.save(torch.nn.Linear(2, 2), w / "imagenet64-iter-1600000-model-ema.th")  # a module pickled whole
+    return ["-m", "models.weights", "--weights-dir", str(case / "weights"), "--check", "--only", "vdvae"]
+
+
 def _download_bad_subject(case, env):
     return ["-m", "prepare_data.download_nsd", "--subjects", "9", "--dest", str(case / "nsd"), "--dry-run"]
 
@@ -331,6 +341,8 @@ CASES = [
     Case("captions_server_400", "AI captions, server answers HTTP 400", _captions_failing_server),
     Case("clip_safetensors_corrupt", "truncated CLIP model.safetensors, weights --check", _clip_corrupt_safetensors),
     Case("vdvae_checkpoint_truncated", "truncated VDVAE .th, weights --check", _vdvae_truncated),
+    Case("vdvae_checkpoint_pickled_module", "VDVAE .th pickling a whole module, weights --check",
+         _vdvae_pickled_module),
     Case("download_nsd_subject_9", "download_nsd --subjects 9", _download_bad_subject),
 ]
 
@@ -399,6 +411,10 @@ def child_env() -> dict:
 # ----------------------------------------------------------------------------------------------- run
 
 
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
 def run_case(case: Case, work: Path, env: Env, timeout: float = 300) -> dict:
     d = work / case.name
     d.mkdir(parents=True)
@@ -406,12 +422,13 @@ def run_case(case: Case, work: Path, env: Env, timeout: float = 300) -> dict:
     t = time.time()
     try:
         res = subprocess.run([PY, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env())
-        rc, err = res.returncode, res.stderr
+        rc, err, out = res.returncode, res.stderr, res.stdout
     except subprocess.TimeoutExpired as exc:
-        rc, err = "timeout", (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        rc, err, out = "timeout", _text(exc.stderr), _text(exc.stdout)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     messages = [ln for ln in lines if not LOG_LINE.match(ln)]
-    ok = rc == 2 and len(messages) == 1 and messages[0].startswith("error: ") and SECRET not in err
+    leaked = SECRET in err + out or any(a in err + out for a in UNSAFE_ADVICE)
+    ok = rc == 2 and len(messages) == 1 and messages[0].startswith("error: ") and not leaked
     return {"case": case.name, "what": case.what, "rc": rc, "message_lines": len(messages),
             "stderr_lines": len(lines), "seconds": round(time.time() - t, 1), "ok": ok,
             "message": messages[0] if messages else ""}
