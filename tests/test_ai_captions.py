@@ -535,3 +535,32 @@ def test_cli_failed_captions_one_line_exit_2(tmp_path, monkeypatch, capsys):
         assert "sk-cli-secret" not in err[0] and len(srv.requests) == 3
     finally:
         srv.close()
+
+
+def test_ai_caption_variant_with_failed_requests_is_not_built(tmp_path, monkeypatch):
+    """The experiment's ai_captions builder against a server answering 400: the builder fails with the
+    summary (no variant captions, no '' training captions), and succeeds on a rerun once the server
+    answers, asking only for the failed pairs."""
+    from pipeline import experiment as ex
+
+    images = _images(3)
+    ids = np.array(["a", "b", "c"])
+    _write_train(tmp_path, images, ids, [["cap a"], ["cap b"], ["cap c"]])
+    cfg, layout = _cfg_layout(tmp_path)
+    srv = EchoKeyServer(images)
+    try:
+        monkeypatch.setenv("TEST_KEY", "sk-variant-secret-55555")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        srv.fail = {0, 1, 2}
+        kw = dict(prompt="low_short", captioner="openai", base_url=srv.url, api_key_env="TEST_KEY", workers=1)
+        with pytest.raises(UserError, match="3 of 3 caption requests failed"):
+            ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        srv.fail = {2}
+        with pytest.raises(UserError, match="1 of 3 caption requests failed"):
+            ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        srv.fail = set()
+        built = ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        assert built["captions"].tolist() == [[SHORT_OK]] * 3
+        assert [r["image"] for r in srv.requests[6:]] == [2] and len(srv.requests) == 7
+    finally:
+        srv.close()

@@ -107,17 +107,9 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert "4 tasks, 3 complete, 1 to run" in dry and "sub1__random_fraction-0.5" in dry
     assert re_recon_main.main(args) == 0
     assert "1 to run" in capsys.readouterr().out
-    # status, dry-run and report read only the project's JSON records: submitit's pickles can go
-    pickles = list((report / "logs").rglob("*.pkl"))
-    assert pickles
-    for p in pickles:
-        p.unlink()
     assert re_recon_main.main(args + ["--status"]) == 0
     status = capsys.readouterr().out
     assert status.count(" done ") == 4 and status.count("_log.err") == 4  # each task's own log file
-    assert re_recon_main.main(args + ["--dry-run"]) == 0
-    assert "4 tasks, 4 complete, 0 to run" in capsys.readouterr().out
-    assert re_recon_main.main(args + ["--report"]) == 0
 
 
 def test_failed_task_outcome_comes_from_the_task_record(tmp_path, capsys):
@@ -141,6 +133,16 @@ def test_failed_task_outcome_comes_from_the_task_record(tmp_path, capsys):
     import json
 
     assert json.loads(record.read_text())["state"] == "failed"
+    # status and dry-run read only the project's JSON records: submitit's pickles can go
+    pickles = list((tmp_path / "res" / "experiments" / "grid" / "logs").rglob("*.pkl"))
+    assert pickles
+    for p in pickles:
+        p.unlink()
+    assert re_recon_main.main([str(path), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert "sub1__base" in status and " failed " in status and "NotADirectoryError" in status
+    assert re_recon_main.main([str(path), "--dry-run"]) == 0
+    assert "1 tasks, 0 complete, 1 to run" in capsys.readouterr().out
 
 
 def test_variant_keys_names_and_values_are_checked_when_the_file_is_read(tmp_path):
