@@ -87,7 +87,8 @@ def config_from_args(args: argparse.Namespace, dataset: str | None) -> Config:
 def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "numexpr", "diffusers", "transformers"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "numexpr", "diffusers", "transformers", "httpx", "httpx2",
+                  "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
