@@ -139,11 +139,12 @@ def run(args) -> None:
 
 
 def _submit(executor, exp, task, log_dir: Path, args):
+    cfg = ex.task_config(exp, task, args.config, args.overrides)
+    io.save_json(ex.status_path(cfg, task), {"task": task.name, "state": "submitted"})  # no stale outcome
     job = executor.submit(ex.run_task, str(exp.path), task.name, args.device, tuple(args.config),
                           tuple(args.overrides), not args.no_progress)
     log = str(job.paths.stderr)
-    io.save_json(ex.job_path(ex.task_config(exp, task, args.config, args.overrides), task),
-                 {"job_id": str(job.job_id), "log": log})
+    io.save_json(ex.job_path(cfg, task), {"job_id": str(job.job_id), "log": log})
     print(f"submitted {task.name} (job {job.job_id}, log {log})")
     return job
 
