@@ -26,7 +26,9 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="re_recon_main.py", description=__doc__.split("\n\n")[0])
+    from pipeline.cli import OneLineParser
+
+    p = OneLineParser(prog="re_recon_main.py", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="name in configs/experiments/ (or a path to a .toml file)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="list tasks and whether they would run")
@@ -137,13 +139,35 @@ def run(args) -> None:
 
 
 def _submit(executor, exp, task, log_dir: Path, args):
+    cfg = ex.task_config(exp, task, args.config, args.overrides)
+    io.save_json(ex.status_path(cfg, task), {"task": task.name, "state": "submitted"})  # no stale outcome
     job = executor.submit(ex.run_task, str(exp.path), task.name, args.device, tuple(args.config),
                           tuple(args.overrides), not args.no_progress)
     log = str(job.paths.stderr)
-    io.save_json(ex.job_path(ex.task_config(exp, task, args.config, args.overrides), task),
-                 {"job_id": str(job.job_id), "log": log})
+    io.save_json(ex.job_path(cfg, task), {"job_id": str(job.job_id), "log": log})
     print(f"submitted {task.name} (job {job.job_id}, log {log})")
     return job
+
+
+def _job_finished(job) -> bool:
+    """Whether submitit's job has ended (process state or scheduler state; its result pickle is
+    never read: outcomes come from the project's own task record)."""
+    try:
+        return job.done()
+    except Exception:  # noqa: BLE001 - the debug executor runs the task inside done() and re-raises
+        return True
+
+
+def task_outcome(exp, task, args, log: str) -> tuple[str, str]:
+    """('done', '') or ('failed', one line) from the task's JSON record written by ``run_task``."""
+    path = ex.status_path(ex.task_config(exp, task, args.config, args.overrides), task)
+    record = io.load_json(path) if path.is_file() else {}
+    state = record.get("state")
+    if state == "done":
+        return "done", ""
+    if state == "failed":
+        return "failed", " ".join(str(record.get("error", "")).split()) or "failed"
+    return "failed", f"the task ended without recording an outcome (state {state or 'none'}; see {log})"
 
 
 def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
@@ -173,16 +197,15 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
                 running.append((task, _submit(executor, exp, task, log_dir, args)))
             still = []
             for task, job in running:
-                if not job.done():
+                if not _job_finished(job):
                     still.append((task, job))
                     continue
-                try:
-                    job.result()
+                outcome, error = task_outcome(exp, task, args, str(job.paths.stderr))
+                if outcome == "done":
                     print(f"done      {task.name}")
-                except Exception as exc:  # one failed task must not stop the grid
-                    last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                    failures.append((task.name, last))
-                    print(f"FAILED    {task.name}: {last}", file=sys.stderr)
+                else:  # one failed task must not stop the grid
+                    failures.append((task.name, error))
+                    print(f"FAILED    {task.name}: {error}", file=sys.stderr)
             running = still
             if running:
                 time.sleep(1.0)

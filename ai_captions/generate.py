@@ -16,6 +16,9 @@ length in CLIP tokens is outside the prompt's range is re-asked (a follow-up tur
 
 ``status`` is ``ok``, ``invalid`` (length never fit; kept on rerun unless ``retry_invalid``) or
 ``error`` (an API error that survived the retries; retried on rerun). The last record of a pair wins.
+Error texts are redacted of the API key. A run with failed requests writes no output for their
+prompts and ends with one line (how many failed, the first server message); a rerun retries exactly
+the failed requests.
 
 Outputs, once every image of a prompt has a record: ``<out_dir>/<prompt>_captions.npy`` (unicode
 (n_train, 1), '' where no valid caption exists) and ``<out_dir>/<prompt>_ids.npy`` (the training
@@ -32,6 +35,7 @@ import io as _io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -156,6 +160,18 @@ class RetryPolicy:
         return min(self.max_delay, max(d, retry_after or 0.0))
 
 
+_KEY_LIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+)")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` on one line with every secret (the API key, echoed back by some servers) and
+    anything shaped like an OpenAI key or a bearer token replaced by ``[redacted]``."""
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "[redacted]")
+    return " ".join(_KEY_LIKE.sub("[redacted]", text).split())
+
+
 def _status_code(exc: BaseException) -> int | None:
     code = getattr(exc, "status_code", None)
     return code if isinstance(code, int) else None
@@ -184,8 +200,10 @@ def _retry_after(exc: BaseException) -> float | None:
         return None
 
 
-def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep):
-    """``fn()``, retried on transient errors with back-off; fatal errors (401/403/404) become UserError."""
+def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep,
+                    secrets: Sequence[str] = ()):
+    """``fn()``, retried on transient errors with back-off; fatal errors (401/403/404) become UserError
+    (with ``secrets`` redacted from the server's text)."""
     attempt = 0
     while True:
         try:
@@ -193,8 +211,8 @@ def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy, sleep: Callable[
         except Exception as exc:
             code = _status_code(exc)
             if code in FATAL_STATUS:
-                raise UserError(f"chat-completions request refused ({code}: {exc}); check the API key, "
-                                "base URL and model name") from None
+                raise UserError(f"chat-completions request refused ({code}: {redact(str(exc), secrets)[:300]}); "
+                                "check the API key, base URL and model name") from None
             if not is_retryable(exc) or attempt >= policy.max_retries:
                 raise
             wait = policy.delay(attempt, _retry_after(exc))
@@ -284,9 +302,18 @@ class Generator:
     temperature: float | None = None  # None = the server's default
     counter: ClipTokenCounter | None = None
 
+    secrets: tuple[str, ...] = ()  # redacted from every logged error text (default: the client's API key)
+
     def __post_init__(self):
         if self.counter is None:
             self.counter = ClipTokenCounter()
+        key = getattr(self.client, "api_key", None)
+        if isinstance(key, str) and key and key not in self.secrets:
+            self.secrets = (*self.secrets, key)
+
+    def error_text(self, exc: BaseException) -> str:
+        """One redacted line for the log: ``<type>: <server message>``."""
+        return redact(f"{type(exc).__name__}: {exc}", self.secrets)[:500]
 
     def caption(self, image: np.ndarray, image_id: str, prompt: Prompt) -> dict:
         """One (image, prompt) → a log record (``ok`` or ``invalid``); API errors propagate."""
@@ -300,7 +327,8 @@ class Generator:
             kwargs: dict[str, Any] = {"model": self.model, "messages": list(messages), "max_tokens": prompt.max_tokens}
             if self.temperature is not None:
                 kwargs["temperature"] = self.temperature
-            resp = call_with_retry(lambda: self.client.chat.completions.create(**kwargs), self.retry, self.sleep)
+            resp = call_with_retry(lambda: self.client.chat.completions.create(**kwargs), self.retry, self.sleep,
+                                   self.secrets)
             u = getattr(resp, "usage", None)
             for k in usage:
                 usage[k] += int(getattr(u, k, 0) or 0)
@@ -347,7 +375,7 @@ def generate_captions(gen: Generator, images: np.ndarray, ids: Sequence, prompts
             raise
         except Exception as exc:  # survived the retries or is not retryable: recorded, redone on rerun
             rec = {"id": str(ids[i]), "prompt": p.name, "status": "error", "caption": "", "n_tokens": 0,
-                   "requests": 0, "usage": {}, "model": gen.model, "error": f"{type(exc).__name__}: {exc}"}
+                   "requests": 0, "usage": {}, "model": gen.model, "error": gen.error_text(exc)}
         clog.append(rec)
         return rec
 
@@ -362,7 +390,15 @@ def generate_captions(gen: Generator, images: np.ndarray, ids: Sequence, prompts
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return write_outputs(out_dir, ids, prompts, clog.read())
+    records = clog.read()
+    written = write_outputs(out_dir, ids, prompts, records)
+    failed = [records[(str(i), p.name)] for p in prompts for i in ids
+              if records.get((str(i), p.name), {}).get("status") == "error"]
+    if failed:  # a caption set with failed requests is not a result: no output, the task fails
+        raise UserError(f"{len(failed)} of {len(ids) * len(prompts)} caption requests failed (first: "
+                        f"{failed[0]['error'][:200]}); their prompts' captions were not written; rerun to retry "
+                        f"exactly those {len(failed)} (log {clog.path})")
+    return written
 
 
 def output_paths(out_dir: str | os.PathLike, prompt: str) -> tuple[Path, Path]:
@@ -378,17 +414,19 @@ def write_outputs(out_dir, ids: Sequence, prompts: Sequence[Prompt], records: di
     written = {}
     for p in prompts:
         recs = [records.get((str(i), p.name)) for i in ids]
-        if any(r is None for r in recs):
-            log.info("[ai_captions] %s: %d images still without a caption; outputs not written",
-                     p.name, sum(r is None for r in recs))
+        cap_path, ids_path = output_paths(out_dir, p.name)
+        missing = sum(r is None or r["status"] == "error" for r in recs)
+        if missing:  # a failed request never becomes a '' caption; an older output is no longer valid
+            log.info("[ai_captions] %s: %d images without a caption (not yet asked, or failed); outputs not "
+                     "written", p.name, missing)
+            for stale in (cap_path, ids_path):
+                stale.unlink(missing_ok=True)
             continue
         caps = [r["caption"] if r["status"] == "ok" else "" for r in recs]
-        bad = {s: sum(r["status"] == s for r in recs) for s in ("invalid", "error")}
-        if bad["invalid"] or bad["error"]:
-            log.warning("[ai_captions] %s: %d invalid-length and %d failed captions are '' in the output "
-                        "(rerun to retry the failed ones; --retry-invalid to re-ask the others)",
-                        p.name, bad["invalid"], bad["error"])
-        cap_path, ids_path = output_paths(out_dir, p.name)
+        n_invalid = sum(r["status"] == "invalid" for r in recs)
+        if n_invalid:
+            log.warning("[ai_captions] %s: %d captions whose length never fit the prompt are '' in the output "
+                        "(--retry-invalid re-asks them)", p.name, n_invalid)
         io.save_npy(ids_path, np.asarray(ids))
         io.save_npy(cap_path, captions_array([[c] for c in caps]))
         written[p.name] = cap_path
@@ -413,7 +451,9 @@ def make_client(base_url: str | None = None, api_key_env: str = DEFAULT_KEY_ENV,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ai_captions.generate", description=__doc__.split("\n\n")[0])
+    from pipeline.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m ai_captions.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", help="common-format root (paths.data_dir)")
     p.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
     p.add_argument("--subject", required=True, help="whose training split to caption (images are matched by id)")
@@ -445,6 +485,9 @@ def main(argv: Iterable[str] | None = None, client: Any = None, sleep: Callable[
     setup_logging(args.debug)
 
     def go():
+        from pipeline.config import check_name
+
+        check_name(args.subject, "--subject")
         prompts = select_prompts(args.prompt, args.prompts_file)
         data = read_split(subject_dir(Path(args.data_dir).expanduser(), args.dataset, args.subject), "train",
                           args.subject, parts=("stim", "ids"))

@@ -254,8 +254,12 @@ class ImageSource:
             return Image.fromarray(item).convert("RGB")
         if isinstance(item, Image.Image):
             return item.convert("RGB")
-        with Image.open(item) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt file (PIL raises these)
+            raise UserError(f"{item}: not a readable image ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                            "delete it and rerun the step that wrote it") from None
 
 
 def _normalise(x: torch.Tensor, normalisation: str) -> torch.Tensor:

@@ -262,7 +262,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, or a file that would need unpickling of code
-        raise UserError(f"{path}: cannot read as a tensor-only checkpoint ({exc})") from None
+        from models.checkpoint import first_line
+
+        raise UserError(f"{path}: cannot read as a tensor-only checkpoint ({first_line(exc)}); the file is "
+                        "truncated or corrupt (download it again), or holds more than tensors") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

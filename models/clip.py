@@ -50,10 +50,10 @@ SUBFOLDERS = {
     "processor": ("image_processor", "image_feature_extractor", "feature_extractor"),
 }
 _GET_WEIGHTS = (
-    f"download the HF-format weights of {HF_REPO} there, e.g. "
-    f"`hf download {HF_REPO} --local-dir <dir>` (or `huggingface-cli download ...`), "
-    "or point to a diffusers Versatile Diffusion folder with tokenizer/ text_encoder/ image_encoder/ "
-    "image_feature_extractor/"
+    f"download the HF-format weights of {HF_REPO} there: `make weights` (python -m models.weights "
+    f"--only clip) or `hf download {HF_REPO} --local-dir <dir>`; a folder with tokenizer/ text_encoder/ "
+    "image_encoder/ image_processor/ works too when the encoders hold model.safetensors (Versatile "
+    "Diffusion's own text_encoder/ and image_encoder/ hold only pickled .bin files, which are never loaded)"
 )
 
 
@@ -171,6 +171,11 @@ def _load_tower(model_cls, folder: Path, dtype: torch.dtype):
     try:
         model, info = model_cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, local_files_only=True,
                                                 output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt weight or config file
+        from models.checkpoint import first_line
+
+        raise UserError(f"{folder}: cannot load the {model_cls.__name__} weights ({first_line(exc)}); the "
+                        f"file is truncated or corrupt: download it again; {_GET_WEIGHTS}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     bad = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))

@@ -6,23 +6,27 @@ Real weights are the PyTorch conversions the Kamitani lab publishes for ``bdpy.d
 =========================  ==========================================================================
 config key (weights_dir/)  source and expected format
 =========================  ==========================================================================
-``icnn.vgg19``             figshare file 38225868 (``VGG_ILSVRC_19_layers.zip``, the Caffe VGG19
-                           converted to PyTorch; file ``VGG_ILSVRC_19_layers.pt``): a flat state dict
-                           of ``bdpy.dl.torch.models.VGG19`` (keys ``features.N.*``,
-                           ``classifier.N.*``), ``.pt`` (read with ``weights_only=True``) or
-                           ``.safetensors``.
-``icnn.generator``         figshare file 38225829 (``bvlc_reference_caffenet_generator_ILSVRC2012_
-                           Training.zip``, Dosovitskiy & Brox's relu7 "DeepSim" generator converted
-                           to PyTorch; ``generator_relu7.pt`` or ``relu7/generator.pt``): a state
-                           dict of ``bdpy.dl.torch.models.AlexNetGenerator``.
-``icnn.generator_bound``   the same archive's upper bound of the generator input
-                           (``act_range/3x/fc7.txt`` or ``relu7/act_range_3x.txt``): 4096
-                           whitespace-separated numbers (3x the relu7 activation range).
+``icnn.vgg19``             figshare file 38225868 (``VGG_ILSVRC_19_layers.zip``, md5
+                           ``49f4d6dbf1024f33149352dfd309dc4d``, the Caffe VGG19 converted to PyTorch;
+                           member ``VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt``, unpacked by
+                           ``make weights`` to ``icnn/vgg19.pt``): a flat state dict of
+                           ``bdpy.dl.torch.models.VGG19`` (keys ``features.N.*``, ``classifier.N.*``),
+                           ``.pt`` (read with ``weights_only=True``) or ``.safetensors``.
+``icnn.generator``         figshare file 38361230 (``bvlc_reference_caffenet_generator_ILSVRC2012_
+                           Training.zip``, md5 ``bf9d4de43782cb019de733ed7cf84926``, Dosovitskiy &
+                           Brox's relu7 "DeepSim" generator converted to PyTorch; member
+                           ``bvlc_reference_caffenet_generator_ILSVRC2012_Training/generator_relu7.pt``,
+                           unpacked to ``icnn/generator_relu7.pt``): a state dict of
+                           ``bdpy.dl.torch.models.AlexNetGenerator``.
+``icnn.generator_bound``   the same archive's upper bound of the generator input (member ending in
+                           ``act_range/3x/relu7.txt``, unpacked to
+                           ``icnn/generator_relu7_act_range_3x.txt``): 4096 whitespace-separated
+                           numbers (3x the relu7 activation range).
 =========================  ==========================================================================
 
-(Download links: ``https://figshare.com/ndownloader/files/<id>``; the lab's
-``brain-decoding-cookbook-public/reconstruction/models/download.sh`` fetches the same two archives.
-A checkpoint pickled as a whole module is refused: re-save its ``state_dict()``.)
+(Download links: ``https://figshare.com/ndownloader/files/<id>``, ids and md5s as the lab's
+``brain-decoding-cookbook`` ``data/files.json`` lists them today; ``make weights`` fetches, verifies
+and unpacks both archives. A checkpoint pickled as a whole module is refused: re-save its ``state_dict()``.)
 
 Image domains, as the lab's scripts: the encoder takes Caffe input (BGR, 0..255 minus the
 per-channel mean ``IMAGE_MEAN_BGR``, ``(N, 3, H, W)``); the generator emits the same domain at
@@ -53,7 +57,7 @@ GENERATOR_SIZE = 256
 TINY_SEED = 4321
 TINY_PIXEL_SD = 50.0
 FIGSHARE = {"vgg19": "https://figshare.com/ndownloader/files/38225868",
-            "generator": "https://figshare.com/ndownloader/files/38225829"}
+            "generator": "https://figshare.com/ndownloader/files/38361230"}
 
 _VGG19_WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                  512, 512, 512, 512, "M")

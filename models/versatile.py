@@ -213,7 +213,9 @@ def load_versatile(path: str | os.PathLike, device: str | torch.device = "cpu", 
                                     if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                              "trained_betas")})
     except (OSError, EnvironmentError) as exc:  # a weight file missing or unreadable inside a component folder
-        raise UserError(f"{root}: cannot load Versatile Diffusion ({str(exc).splitlines()[0]}); {WEIGHTS_HINT}") from None
+        from models.checkpoint import first_line
+
+        raise UserError(f"{root}: cannot load Versatile Diffusion ({first_line(exc)}); {WEIGHTS_HINT}") from None
     _check_vd_schedule(scheduler, root / "scheduler")
 
     device = torch.device(device)

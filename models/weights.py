@@ -5,13 +5,13 @@
     python -m models.weights --only vdvae clip                  # a subset
     python -m models.weights --weights-dir weights --check      # load each with the pipeline's loaders
 
-Files land at the paths the config expects by default (``[models]`` and the evaluation networks'
-file names), so no path needs editing afterwards. Downloads resume from ``.part`` files and a file
-appears only when complete (the same transport as the NSD downloader).
+Files land at the paths the config expects by default (``[models]``, ``[icnn]`` and the evaluation
+networks' file names; the iCNN archives are unpacked there), so no path needs editing afterwards.
+Downloads resume from ``.part`` files and a file appears only when complete and, where the source
+publishes a digest, when it matches (the same transport as the NSD downloader).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -28,21 +28,40 @@ CLIP_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "t
               "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 VD_REPO = "shi-labs/versatile-diffusion"
+# The hub's diffusers folders hold only the .bin form for these three (about 335 MB, 3.44 GB and
+# 6.84 GB; there is no .safetensors there); diffusers reads them with torch.load(weights_only=True),
+# which refuses anything but tensors.
 VD_FILES = ("model_index.json", "scheduler/scheduler_config.json",
-            "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-            "image_unet/config.json", "image_unet/diffusion_pytorch_model.safetensors",
-            "text_unet/config.json", "text_unet/diffusion_pytorch_model.safetensors")
+            "vae/config.json", "vae/diffusion_pytorch_model.bin",
+            "image_unet/config.json", "image_unet/diffusion_pytorch_model.bin",
+            "text_unet/config.json", "text_unet/diffusion_pytorch_model.bin")
+# The original (non-diffusers) fp16 checkpoint the reference scripts load, for fidelity checks only
+# (never loaded by the pipeline; opt in with --only vd_reference). The hub publishes its size and LFS
+# sha256; only the sha256's first digits (b7814655) are recorded here, so that prefix is what is verified.
+VD_REFERENCE = RemoteFile("versatile-diffusion/pretrained_pth/vd-four-flow-v1-0-fp16-deprecated.pth",
+                          size=6_664_692_139, sha256="b7814655",
+                          url=HF.format(repo=VD_REPO, file="pretrained_pth/vd-four-flow-v1-0-fp16-deprecated.pth"))
 
-
-ICNN_ARCHIVES = {  # the Kamitani lab's PyTorch conversions; unpack and name the files as [icnn] expects
-    "icnn/VGG_ILSVRC_19_layers.zip": "https://figshare.com/ndownloader/files/38225868",
-    "icnn/bvlc_reference_caffenet_generator_ILSVRC2012_Training.zip":
-        "https://figshare.com/ndownloader/files/38225829",
-}
+FIGSHARE = "https://figshare.com/ndownloader/files/{id}"
+#: The Kamitani lab's PyTorch conversions (ids and md5s from brain-decoding-cookbook's data/files.json),
+#: unpacked into the paths the [icnn] defaults expect.
+ICNN_ARCHIVES = (
+    RemoteFile("icnn/VGG_ILSVRC_19_layers.zip", url=FIGSHARE.format(id=38225868),
+               md5="49f4d6dbf1024f33149352dfd309dc4d",
+               unpack=(("VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt", "icnn/vgg19.pt"),)),
+    RemoteFile("icnn/bvlc_reference_caffenet_generator_ILSVRC2012_Training.zip", url=FIGSHARE.format(id=38361230),
+               md5="bf9d4de43782cb019de733ed7cf84926",
+               unpack=(("bvlc_reference_caffenet_generator_ILSVRC2012_Training/generator_relu7.pt",
+                        "icnn/generator_relu7.pt"),
+                       ("act_range/3x/relu7.txt", "icnn/generator_relu7_act_range_3x.txt"))),
+)
+GROUPS = ("vdvae", "clip", "versatile", "eval", "icnn", "vd_reference")
+DEFAULT_GROUPS = ("vdvae", "clip", "versatile", "eval", "icnn")
 
 
 def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
-    """Weight groups → files (keys relative to ``weights_dir``) with their URLs."""
+    """Weight groups → files (keys relative to ``weights_dir``) with their URLs and published digests
+    (torchvision's file names carry their sha256's first digits; the lab publishes md5s)."""
     from evaluation.networks import WEIGHT_FILES
     from pipeline.config import ModelsConfig
 
@@ -51,8 +70,9 @@ def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
         "vdvae": [RemoteFile(m.vdvae, url=VDVAE_URL)],
         "clip": [RemoteFile(f"{m.clip}/{f}", url=HF.format(repo=CLIP_REPO, file=f)) for f in CLIP_FILES],
         "versatile": [RemoteFile(f"{m.versatile}/{f}", url=HF.format(repo=VD_REPO, file=f)) for f in VD_FILES],
-        "eval": [RemoteFile(w.filename, url=w.url) for w in WEIGHT_FILES.values()],
-        "icnn": [RemoteFile(k, url=u) for k, u in ICNN_ARCHIVES.items()],
+        "eval": [RemoteFile(w.filename, url=w.url, sha256=w.sha256 or w.sha256_prefix) for w in WEIGHT_FILES.values()],
+        "icnn": list(ICNN_ARCHIVES),
+        "vd_reference": [VD_REFERENCE],
     }
 
 
@@ -99,20 +119,17 @@ def check(weights_dir: Path, only=None, device: str = "cpu") -> list[tuple[str, 
     return out
 
 
-def bin_variant(f: RemoteFile) -> RemoteFile:
-    """``diffusion_pytorch_model.safetensors`` → ``diffusion_pytorch_model.bin`` (same folder)."""
-    return RemoteFile(f.key[: -len(".safetensors")] + ".bin", url=f.url[: -len(".safetensors")] + ".bin")
-
-
 def main(argv=None) -> int:
-    from pipeline.cli import guarded
+    from pipeline.cli import OneLineParser, guarded
 
-    p = argparse.ArgumentParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m models.weights", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR", "weights"))
-    p.add_argument("--only", nargs="+", choices=("vdvae", "clip", "versatile", "eval", "icnn"), default=None)
+    p.add_argument("--only", nargs="+", choices=GROUPS, default=None,
+                   help=f"groups to fetch (default: {' '.join(DEFAULT_GROUPS)}; vd_reference only on request)")
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and what is present")
     p.add_argument("--check", action="store_true", help="load every model from weights-dir and report")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
@@ -126,22 +143,13 @@ def main(argv=None) -> int:
                 raise UserError(f"{args.weights_dir}: {len(bad)} model(s) not loadable: {', '.join(bad)}")
             return
         chosen = groups()
-        files = [f for name, fs in chosen.items() if not args.only or name in args.only for f in fs]
+        wanted = args.only or DEFAULT_GROUPS
+        files = [f for name, fs in chosen.items() if name in wanted for f in fs]
         if args.dry_run:
             download(files, Path(args.weights_dir), dry_run=True)
             return
-        for f in files:
-            try:
-                download([f], Path(args.weights_dir))
-            except UserError:
-                if not f.key.endswith(".safetensors"):
-                    raise
-                # some diffusers repos hold only the .bin form; diffusers reads it with weights_only
-                download([bin_variant(f)], Path(args.weights_dir))
-            print(f"weights complete in {args.weights_dir}")
-            if not args.only or "icnn" in args.only:
-                print("iCNN: unzip the two archives in <weights_dir>/icnn/ and point icnn.vgg19, icnn.generator and "
-                      "icnn.generator_bound at the .pt/.txt files inside (see models/icnn.py)")
+        download(files, Path(args.weights_dir), progress=not args.no_progress)
+        print(f"weights complete in {args.weights_dir}")
 
     return guarded(go, args.debug)
 

@@ -18,8 +18,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2, like every
+    other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser(dataset: str | None, prog: str | None = None, steps: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="recon-diffuser: Brain-Diffuser pipeline"
+    p = OneLineParser(prog=prog, description="recon-diffuser: Brain-Diffuser pipeline"
                                 + (f" for {dataset}" if dataset else ""))
     p.add_argument("--config", "-c", action="append", default=[],
                    help="TOML config file(s), applied after configs/<dataset>.toml (repeatable)")
@@ -79,7 +87,8 @@ def config_from_args(args: argparse.Namespace, dataset: str | None) -> Config:
 def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "numexpr", "diffusers", "transformers"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "numexpr", "diffusers", "transformers", "httpx", "httpx2",
+                  "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -90,12 +99,51 @@ def guarded(fn, debug: bool) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever was quoted
+        return 2
+    except OSError as exc:  # a folder not writable, a path that is a file, a full disk: one line
+        if debug:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; completed steps and images are kept, rerun to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """``<file>: <reason>`` for an OSError (one line, no traceback)."""
+    where = exc.filename if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    text = f"{where}: {reason}" if where else reason
+    return " ".join(text.split())
+
+
+def check_output_dirs(cfg: Config, steps) -> None:
+    """Fail in seconds, not after hours, when an output root cannot be written: the results folder
+    (and the common-format folder when ``prepare`` runs) must be, or be creatable as, a writable folder."""
+    roots = [("paths.results_dir", cfg.paths.results_dir)]
+    if any(getattr(s, "name", s) == "prepare" for s in steps):
+        roots.append(("paths.data_dir", cfg.paths.data_dir))
+    import tempfile
+
+    for key, value in roots:
+        path = Path(value).expanduser()
+        existing = next((p for p in [path, *path.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise UserError(f"{existing}: is a file, but {key} = {value!r} needs a folder there")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot create the {key} folder ({exc.strerror or exc})") from None
+        try:  # permission bits say nothing for root or on a read-only mount: try it
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise UserError(f"{path}: folder not writable ({key}; {exc.strerror or exc})") from None
 
 
 def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
@@ -116,6 +164,7 @@ def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
             print(subject_table(cfg))
             return
         steps = select_steps(args.only, args.start)
+        check_output_dirs(cfg, steps)
         run_pipeline(cfg, steps, cfg.run.subjects, cfg.run.device, force=args.force,
                      progress=not args.no_progress)
 
@@ -133,6 +182,7 @@ def step_main(step: str, argv: list[str] | None = None) -> int:
 
     def go():
         cfg = config_from_args(args, args.dataset)
+        check_output_dirs(cfg, select_steps([step]))
         run_pipeline(cfg, select_steps([step]), cfg.run.subjects, cfg.run.device, force=args.force,
                      progress=not args.no_progress)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -305,6 +306,92 @@ def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Itera
         dotted, value = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         apply_mapping(cfg, {section: {key: value}}, source="--set")
+    return validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: every value range and choice, checked when a config is loaded (before any step runs)
+
+#: Names that become folder names (subjects, variants, experiments): letters, digits and ``._+=-``,
+#: not starting with a dot, so no name can climb out of its folder or hide as a dotfile.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}")
+DATASETS = ("nsd", "deeprecon", "things", "synthetic")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def check_name(value: Any, what: str) -> str:
+    """``value`` as a folder-safe name, or a UserError naming ``what``."""
+    text = str(value)
+    if not SAFE_NAME.fullmatch(text):
+        raise UserError(f"{what} {text!r}: not a safe name (use letters, digits and . _ + = -, "
+                        "not starting with a dot, at most 128 characters)")
+    return text
+
+
+# (section.key, test, what was expected)
+_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("run.dataset", lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
+    ("run.device", lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, mps, cuda or cuda:N"),
+    ("run.subjects", lambda v: len(v) > 0, "at least one subject"),
+    ("run.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("nsd.n_sessions", lambda v: 1 <= v <= 40, "an integer in 1..40"),
+    ("deeprecon.image_size", lambda v: v >= 0, "an integer >= 0 (0 = keep the images' size)"),
+    ("things.image_size", lambda v: v >= 1, "an integer >= 1"),
+    ("things.source", lambda v: v in ("auto", "tsv", "bdata"), "auto, tsv or bdata"),
+    ("synthetic.n_train", lambda v: v >= 2, "an integer >= 2"),
+    ("synthetic.n_test", lambda v: v >= 1, "an integer >= 1"),
+    ("synthetic.n_voxels", lambda v: v >= 1, "an integer >= 1"),
+    ("synthetic.image_size", lambda v: v >= 8, "an integer >= 8"),
+    ("synthetic.noise", lambda v: v >= 0, "a number >= 0"),
+    ("synthetic.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("features.vdvae_groups", lambda v: 1 <= v <= 75, "an integer in 1..75"),
+    ("features.vdvae_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("features.clip_batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("features.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("ridge.fmri_scale", lambda v: v > 0, "a number > 0"),
+    ("ridge.alpha_vdvae", lambda v: v > 0, "a number > 0"),
+    ("ridge.alpha_cliptext", lambda v: v > 0, "a number > 0"),
+    ("ridge.alpha_clipvision", lambda v: v > 0, "a number > 0"),
+    ("ridge.max_memory_gb", lambda v: v > 0, "a number > 0"),
+    ("ridge.cv_alphas", lambda v: len(v) > 0 and all(a > 0 for a in v), "a non-empty list of numbers > 0"),
+    ("ridge.weights_dtype", lambda v: v in ("float16", "float32", "float64"), "float16, float32 or float64"),
+    ("vdvae_init.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("vdvae_init.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("vdvae_init.output_size", lambda v: v >= 1, "an integer >= 1"),
+    ("versatile.strength", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("versatile.num_inference_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("versatile.guidance_scale", lambda v: v >= 0, "a number >= 0"),
+    ("versatile.mix_text", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("versatile.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("versatile.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("versatile.text_features", lambda v: v in ("predicted", "true", "shuffled"), "predicted, true or shuffled"),
+    ("evaluate.profile", lambda v: v in ("braindiffuser", "mindeye"), "braindiffuser or mindeye"),
+    ("evaluate.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("evaluate.images", lambda v: len(v) > 0 and set(v) <= {"versatile", "vdvae", "icnn"},
+     "a non-empty list of versatile, vdvae, icnn"),
+    ("icnn.alpha", lambda v: v > 0, "a number > 0"),
+    ("icnn.n_voxels", lambda v: v >= 0, "an integer >= 0 (0 = all voxels)"),
+    ("icnn.n_iter", lambda v: v >= 1, "an integer >= 1"),
+    ("icnn.image_size", lambda v: v >= 1, "an integer >= 1"),
+    ("icnn.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("icnn.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("icnn.feature_batch_size", lambda v: v >= 1, "an integer >= 1"),
+]
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value range and choice (and that subject and variant names are folder-safe);
+    the first problem is a UserError naming the key, what was expected and what was given."""
+    for dotted, ok, expected in _RULES:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key, None)
+        if value is None:  # a field another version of the config does not have
+            continue
+        if not ok(value):
+            raise UserError(f"config key {dotted}: expected {expected}, got {value!r}")
+    for s in cfg.run.subjects:
+        check_name(s, "subject")
+    check_name(cfg.run.variant, "variant")
     return cfg
 
 

@@ -27,6 +27,7 @@ that task; every other parameter goes to the variant's builder (:data:`BUILDERS`
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -38,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import io
-from pipeline.config import Config, load_config
+from pipeline.config import Config, check_name, load_config
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
@@ -233,13 +234,22 @@ def expand(entry: dict[str, Any], source: str) -> list[VariantSpec]:
         raise UserError(f"{source}: variant method {method!r} unknown; known: {', '.join(BUILDERS)}")
     name_prefix = entry.pop("name", None)
     keys = list(entry)
+    params_ok = [n for n in inspect.signature(BUILDERS[method]).parameters if n not in ("layout", "cfg")]
+    unknown = [k for k in keys if "." not in k and k not in params_ok]
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {unknown} for method {method!r}; known: "
+                        f"{', '.join(params_ok) or '(none)'} or section.key config overrides")
     grids = [v if isinstance(v, list) else [v] for v in entry.values()]
     out = []
     for combo in itertools.product(*grids):
         params = dict(zip(keys, combo))
         builder = tuple((k, v) for k, v in params.items() if "." not in k)
         overrides = tuple(f"{k}={_toml_scalar(v)}" for k, v in params.items() if "." in k)  # exact values
-        name = variant_name(name_prefix or method, params)
+        name = check_name(variant_name(name_prefix or method, params), f"{source}: variant name")
+        try:  # an unknown key or a bad value fails here, not in the task
+            load_config([], overrides)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
         out.append(VariantSpec(name, method, builder, overrides))
     return out
 
@@ -265,6 +275,7 @@ def load_experiment(name_or_path: str) -> Experiment:
     unknown = set(data) - {"experiment", "set", "variants", "executor"}
     if unknown:
         raise UserError(f"{path}: unknown section(s) {sorted(unknown)}; expected experiment, set, variants, executor")
+    check_name(path.stem, "experiment name")
     head = data.get("experiment", {})
     if "dataset" not in head:
         raise UserError(f"{path}: [experiment] needs a dataset")
@@ -276,6 +287,8 @@ def load_experiment(name_or_path: str) -> Experiment:
     if dupes:
         raise UserError(f"{path}: duplicate variant names {sorted(dupes)}")
     overrides = [f"{k}={_toml_scalar(v)}" for k, v in data.get("set", {}).items()]
+    for s in head.get("subjects", []):
+        check_name(s, f"{path}: subject")
     methods = head.get("methods", ["braindiffuser"])
     unknown_methods = [m for m in methods if m not in METHODS]
     if unknown_methods or "braindiffuser" not in methods:

@@ -90,6 +90,11 @@ def load_variant(layout: Layout, n_train: int | None = None) -> Variant:
     v = Variant(name=layout.variant, info=io.load_json(d / INFO))
     if (d / INDICES).is_file():
         v.indices = io.load_npy(d / INDICES)
+        if v.indices.ndim != 1 or not np.issubdtype(v.indices.dtype, np.integer):
+            raise UserError(f"{d / INDICES}: expected 1-D integer row indices, got {v.indices.dtype} "
+                            f"{v.indices.shape}")
+        if len(np.unique(v.indices)) != len(v.indices):
+            raise UserError(f"{d / INDICES}: indices must be unique")
     if (d / CAPTIONS).is_file():
         v.captions = io.load_npy(d / CAPTIONS)
     if (d / STIM_CLIPVISION).is_file():

@@ -18,6 +18,7 @@ interrupted run leaves no file that looks complete; the next run skips complete 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -47,13 +48,20 @@ CHUNK_BYTES = 1 << 20
 class RemoteFile:
     """One file to fetch: ``key`` is its path under the destination (= its bucket key).
 
-    ``url`` overrides the bucket URL (COCO archive); ``extract`` names zip members to unpack next to it.
+    ``url`` overrides the bucket URL (COCO archive); ``extract`` names zip members to unpack next to it;
+    ``unpack`` maps a zip member (by the end of its path inside the archive) to a destination key, for
+    archives whose inner names differ from the names the config expects. ``md5`` / ``sha256`` are the
+    published digests (``sha256`` may be a published prefix of at least 8 hex digits, e.g.
+    torchvision's file-name hashes): a download that does not match is deleted and is an error.
     """
 
     key: str
     size: int | None = None
     url: str | None = None
     extract: tuple[str, ...] = ()
+    md5: str | None = None
+    sha256: str | None = None
+    unpack: tuple[tuple[str, str], ...] = ()
 
 
 def plan(
@@ -108,9 +116,21 @@ class HttpTransport:
             raise UserError(f"{self.url(f)}: cannot connect ({getattr(exc, 'reason', exc)})") from None
 
     def size(self, f: RemoteFile) -> int | None:
-        with self._open(f, "HEAD") as resp:
-            length = resp.headers.get("Content-Length")
-        return int(length) if length is not None else None
+        """The remote size: HEAD's Content-Length, or, where HEAD is refused or says nothing (figshare's
+        presigned redirects), a one-byte ranged GET's ``Content-Range: bytes 0-0/<size>``."""
+        try:
+            with self._open(f, "HEAD") as resp:
+                length = resp.headers.get("Content-Length")
+            if length is not None:
+                return int(length)
+        except UserError:
+            pass
+        with self._open(f, headers={"Range": "bytes=0-0"}) as resp:
+            total = (resp.headers.get("Content-Range") or "").rpartition("/")[2]
+            if resp.status == 206 and total.isdigit():
+                return int(total)
+            length = resp.headers.get("Content-Length")  # Range ignored: the whole file's length
+            return int(length) if resp.status == 200 and length is not None else None
 
     def fetch(self, f: RemoteFile, offset: int = 0) -> tuple[int, Iterator[bytes]]:
         """Return (start, chunks): the bytes from ``start``, which is ``offset`` or 0 if Range is ignored."""
@@ -203,8 +223,33 @@ def _fetch_one(f: RemoteFile, final: Path, transport, progress: bool) -> str:
     if f.size is not None and got != f.size:
         part.unlink()
         raise UserError(f"{f.key}: got {got} bytes but the remote file has {f.size}; removed the partial file, run again")
+    verify(f, part)
     os.replace(part, final)
     return "resumed" if start > 0 else "downloaded"
+
+
+def file_digests(path: Path, algorithms: Sequence[str]) -> dict[str, str]:
+    """{algorithm: hex digest} of ``path``, read once in 1 MiB chunks."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK_BYTES):
+            for h in hashes.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def verify(f: RemoteFile, path: Path) -> None:
+    """Check ``path`` against ``f``'s published md5/sha256 (a sha256 prefix checks its leading digits);
+    on a mismatch the file is deleted and the error names both digests."""
+    wanted = {a: v.lower() for a, v in (("md5", f.md5), ("sha256", f.sha256)) if v}
+    if not wanted:
+        return
+    got = file_digests(path, list(wanted))
+    for algo, want in wanted.items():
+        if not got[algo].startswith(want):
+            path.unlink(missing_ok=True)
+            raise UserError(f"{f.key}: {algo} {got[algo][:len(want)]} does not match the published {want}; the "
+                            "download is corrupt or the source changed (file not kept; run again)")
 
 
 def _extract(f: RemoteFile, archive: Path, dest: Path) -> None:
@@ -220,6 +265,25 @@ def _extract(f: RemoteFile, archive: Path, dest: Path) -> None:
                 if member not in names:
                     raise UserError(f"{archive}: member {member!r} missing from the archive")
                 with io.atomic_path(base / member) as tmp, zf.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK_BYTES)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{archive}: not a valid zip archive ({exc}); delete it and run again") from None
+
+
+def _unpack(f: RemoteFile, archive: Path, dest: Path) -> None:
+    """Copy each ``(member suffix, key)`` of ``f.unpack`` out of the zip to ``dest/key`` (atomically,
+    missing ones only): the archive's inner folder names are not the layout the config expects."""
+    todo = [(suffix, key) for suffix, key in f.unpack if not (dest / key).is_file()]
+    if not todo:
+        return
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            for suffix, key in todo:
+                hits = [n for n in names if n == suffix or n.endswith("/" + suffix)]
+                if len(hits) != 1:
+                    raise UserError(f"{archive}: expected one member ending in {suffix!r}, found {len(hits)}")
+                with io.atomic_path(dest / key) as tmp, zf.open(hits[0]) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, CHUNK_BYTES)
     except zipfile.BadZipFile as exc:
         raise UserError(f"{archive}: not a valid zip archive ({exc}); delete it and run again") from None
@@ -261,7 +325,7 @@ def download(
         print(f"{len(files)} files, {_human(total)} in total{note} -> {dest}")
         return status
 
-    for f in tqdm(files, desc="NSD files", unit="file", disable=not progress):
+    for f in tqdm(files, desc="files", unit="file", disable=not progress):
         final = dest / f.key
         if f.size is None:
             f = replace(f, size=transport.size(f))
@@ -271,6 +335,8 @@ def download(
             status[f.key] = _fetch_one(f, final, transport, progress)
         if f.extract:
             _extract(f, final, dest)
+        if f.unpack:
+            _unpack(f, final, dest)
     return status
 
 
@@ -299,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transport = LocalMirror(args.mirror) if args.mirror else HttpTransport()
         status = download(files, args.dest, transport, dry_run=args.dry_run, progress=not args.no_progress)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if not args.dry_run:
         counts = {s: list(status.values()).count(s) for s in ("downloaded", "resumed", "skipped")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +118,23 @@ def assign_trials(master: np.ndarray, subjectim_row: np.ndarray, n_trials: int, 
 # ----------------------------------------------------------------------------------------------- fMRI
 
 
-def load_roi(path: Path) -> np.ndarray:
-    """Boolean (X, Y, Z) mask ``nsdgeneral > 0`` (values are -1 / 0 / 1 on the real files)."""
+def _read_nifti(path: Path, read):
+    """``read(nib.load(path))``; a corrupt or truncated NIfTI is a UserError naming the file."""
     import nibabel as nib
 
+    try:
+        return read(nib.load(path))
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {text}); the file is "
+                        "truncated or corrupt: download it again") from None
+
+
+def load_roi(path: Path) -> np.ndarray:
+    """Boolean (X, Y, Z) mask ``nsdgeneral > 0`` (values are -1 / 0 / 1 on the real files)."""
     if not path.is_file():
         raise UserError(f"{path}: ROI file not found")
-    mask = np.asarray(nib.load(path).get_fdata()) > 0
+    mask = _read_nifti(path, lambda img: np.asarray(img.get_fdata())) > 0
     if mask.ndim != 3 or not mask.any():
         raise UserError(f"{path}: expected a 3-D ROI with some voxels > 0, got shape {mask.shape}, {mask.sum()} voxels")
     return mask
@@ -131,11 +142,9 @@ def load_roi(path: Path) -> np.ndarray:
 
 def session_trial_counts(paths: list[Path], grid: tuple[int, int, int]) -> list[int]:
     """Trials per session from the NIfTI headers (750 on real files; read, never assumed)."""
-    import nibabel as nib
-
     counts = []
     for path in paths:
-        shape = nib.load(path).shape
+        shape = _read_nifti(path, lambda img: img.shape)
         if len(shape) != 4 or tuple(shape[:3]) != tuple(grid):
             raise UserError(f"{path}: expected betas of shape {tuple(grid)} x n_trials like the ROI, got {shape}")
         counts.append(int(shape[3]))
@@ -144,12 +153,9 @@ def session_trial_counts(paths: list[Path], grid: tuple[int, int, int]) -> list[
 
 def masked_session(path: Path, mask: np.ndarray) -> np.ndarray:
     """(n_trials, n_voxel) float64 betas of one session in file units (C-order voxels)."""
-    import nibabel as nib
-
     # asanyarray(dataobj) applies any header scaling just like get_fdata(), but keeps int16
     # when there is none: 1 GB per real session instead of 4 GB.
-    data = np.asanyarray(nib.load(path).dataobj)
-    out = data[mask].T.astype(np.float64)
+    out = _read_nifti(path, lambda img: np.asanyarray(img.dataobj)[mask].T.astype(np.float64))
     bad = ~np.isfinite(out)
     if bad.any():
         n_vox = int(bad.any(axis=0).sum())
@@ -218,12 +224,17 @@ def _coco_captions(raw_dir: Path, ids_by_split: dict[str, np.ndarray]) -> tuple[
             annotations = json.loads(path.read_text())["annotations"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"{path}: not a COCO caption file ({exc!r})") from None
-        for ann in annotations:  # file order; at most MAX_CAPTIONS per image
-            key = (split, int(ann["image_id"]))
+        for n, ann in enumerate(annotations):  # file order; at most MAX_CAPTIONS per image
+            try:
+                key = (split, int(ann["image_id"]))
+                caption = str(ann["caption"]).strip()
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{path}: annotation #{n} has no usable image_id/caption ({type(exc).__name__}: "
+                                f"{exc}); not a COCO caption file") from None
             if key[1] in wanted:
                 caps = found.setdefault(key, [])
                 if len(caps) < MAX_CAPTIONS:
-                    caps.append(str(ann["caption"]).strip())
+                    caps.append(caption)
         sources.append(path)
     out = {
         split: [found.get((coco_split[i], int(coco_id[i])), []) for i in ids]

@@ -41,8 +41,9 @@ def load_init_images(paths: list[Path], size: int | None = None) -> np.ndarray:
             raise UserError(f"{p}: init image not found (run the vdvae_init step)")
         try:
             img = Image.open(p).convert("RGB")
-        except OSError as exc:
-            raise UserError(f"{p}: not a readable image ({exc}); rerun vdvae_init with --force") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"{p}: not a readable image ({' '.join(str(exc).split())}); delete it and rerun "
+                            "vdvae_init") from None
         if size and img.size != (size, size):
             img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
         out.append(np.asarray(img, dtype=np.uint8))

@@ -34,6 +34,11 @@ def training_data(ctx):
     if test.fmri.shape[1] != X.shape[1]:
         raise UserError(f"{part_path(layout.base.data_dir, 'test', 'fmri', ctx.subject)}: {test.fmri.shape[1]} voxels "
                         f"but the training fMRI has {X.shape[1]}")
+    stim_path = part_path(layout.base.data_dir, "train", "stim", ctx.subject)
+    n_stim = io.load_npy(stim_path, mmap_mode="r").shape[0] if stim_path.is_file() else X.shape[0]
+    if n_stim != X.shape[0]:  # the features follow the images: the fMRI file is the odd one out
+        raise UserError(f"{part_path(layout.base.data_dir, 'train', 'fmri', ctx.subject)}: {X.shape[0]} rows but "
+                        f"{stim_path.name} has {n_stim} images; rerun the prepare step with --force")
     for t, y in Y.items():
         if y.shape[0] != X.shape[0]:
             raise UserError(f"{train_target_path(layout, t)}: {y.shape[0]} rows but the training fMRI has "

@@ -193,12 +193,14 @@ def test_exhausted_retries_are_logged_as_errors_and_redone_on_rerun(server, clie
     server.errors = [500, 500, 500]
     g = _generator(client, retry=gen.RetryPolicy(max_retries=2, base_delay=0.5))
     ids = np.array(["x"])
-    written = gen.generate_captions(g, server.images[:1], ids, _prompts("low_short"), tmp_path, workers=1,
-                                    progress=False)
+    with pytest.raises(UserError, match="1 of 1 caption requests failed"):
+        gen.generate_captions(g, server.images[:1], ids, _prompts("low_short"), tmp_path, workers=1,
+                              progress=False)
     rec = gen.CaptionLog(tmp_path / gen.LOG_NAME).read()[("x", "low_short")]
     assert rec["status"] == "error" and "500" in rec["error"]
-    assert np.load(written["low_short"], allow_pickle=False)[0, 0] == ""  # failed → '' in the output
-    gen.generate_captions(g, server.images[:1], ids, _prompts("low_short"), tmp_path, workers=1, progress=False)
+    assert not (tmp_path / "low_short_captions.npy").exists()  # a failed request is never a '' caption
+    written = gen.generate_captions(g, server.images[:1], ids, _prompts("low_short"), tmp_path, workers=1,
+                                    progress=False)
     assert [r["status"] for r in server.requests] == [500, 500, 500, 200]
     assert np.load(written["low_short"], allow_pickle=False)[0, 0] == SHORT_OK
 
@@ -206,8 +208,9 @@ def test_exhausted_retries_are_logged_as_errors_and_redone_on_rerun(server, clie
 def test_bad_request_not_retried_and_auth_failure_stops_the_run(server, client, tmp_path):
     server.errors = [400]
     sleeps = Sleeps()
-    gen.generate_captions(_generator(client, sleep=sleeps), server.images[:1], np.array(["x"]), _prompts("low_short"),
-                          tmp_path / "a", workers=1, progress=False)
+    with pytest.raises(UserError, match="1 of 1 caption requests failed"):
+        gen.generate_captions(_generator(client, sleep=sleeps), server.images[:1], np.array(["x"]),
+                              _prompts("low_short"), tmp_path / "a", workers=1, progress=False)
     assert len(server.requests) == 1 and sleeps == []
     server.errors = [401]
     with pytest.raises(UserError, match="401"):
@@ -438,3 +441,126 @@ def test_experiment_files_expand(name):
         overrides = {o for v in exp.variants for o in v.overrides}
         assert overrides == {"versatile.text_features=true", "versatile.text_features=shuffled",
                              "versatile.mix_text=0", "versatile.mix_text=0.99"}
+
+
+# ---------------------------------------------------------------------------------------------
+# failed paid requests never become results (issue 18)
+
+
+class EchoKeyServer(FakeServer):
+    """Answers 400 for the requests whose image index is in ``fail`` and echoes the caller's API key
+    (from the Authorization header) in the error text, as some proxies do."""
+
+    def __init__(self, images):
+        super().__init__(images)
+        self.fail: set[int] = set()
+        server = self
+        handler = self.httpd.RequestHandlerClass
+        ok_post = handler.do_POST
+
+        def do_POST(h):
+            length = int(h.headers["Content-Length"])
+            raw = h.rfile.read(length)
+            req = server.decode(json.loads(raw))
+            if req["image"] in server.fail:
+                with server.lock:
+                    server.requests.append({**req, "status": 400})
+                key = h.headers.get("Authorization", "")
+                payload = json.dumps({"error": {"message": f"Invalid image for request by {key}.\nSee docs.",
+                                                "type": "invalid_request_error"}}).encode()
+                h.send_response(400)
+                h.send_header("Content-Type", "application/json")
+                h.send_header("Content-Length", str(len(payload)))
+                h.end_headers()
+                h.wfile.write(payload)
+                return
+            h.rfile = _io.BytesIO(raw)  # let the normal handler answer
+            ok_post(h)
+
+        handler.do_POST = do_POST
+
+
+def test_failed_requests_fail_the_run_are_redacted_and_exactly_retried(tmp_path, monkeypatch):
+    images = _images(6)
+    srv = EchoKeyServer(images)
+    try:
+        secret = "sk-secret-KEY-0123456789"
+        monkeypatch.setenv("TEST_KEY", secret)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        client = gen.make_client(srv.url, "TEST_KEY", timeout=10)
+        ids = np.array([f"im{i}" for i in range(6)])
+        prompts = _prompts("low_short")
+        srv.fail = set(range(6))  # every request refused with HTTP 400 (not retried)
+        with pytest.raises(UserError) as err:
+            gen.generate_captions(_generator(client), images, ids, prompts, tmp_path, workers=2, progress=False)
+        msg = str(err.value)
+        assert "6 of 6 caption requests failed" in msg and "Invalid image" in msg and "\n" not in msg
+        assert secret not in msg
+        assert len(srv.requests) == 6  # bounded: one request per image, no retries of a 400
+        assert not (tmp_path / "low_short_captions.npy").exists()
+        log_text = (tmp_path / gen.LOG_NAME).read_text()
+        assert secret not in log_text and "[redacted]" in log_text
+        assert log_text.count('"status": "error"') == 6
+
+        srv.fail = {1, 4}  # a rerun retries all six failed ones; two fail again
+        with pytest.raises(UserError, match="2 of 6 caption requests failed"):
+            gen.generate_captions(_generator(client), images, ids, prompts, tmp_path, workers=2, progress=False)
+        assert len(srv.requests) == 12
+        assert not (tmp_path / "low_short_captions.npy").exists()
+
+        srv.fail = set()  # the third run asks exactly the two that failed, then writes the captions
+        written = gen.generate_captions(_generator(client), images, ids, prompts, tmp_path, workers=2,
+                                        progress=False)
+        assert sorted(r["image"] for r in srv.requests[12:]) == [1, 4]
+        caps = np.load(written["low_short"], allow_pickle=False)
+        assert caps.shape == (6, 1) and (caps == SHORT_OK).all()
+    finally:
+        srv.close()
+
+
+def test_cli_failed_captions_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    images = _images(3)
+    srv = EchoKeyServer(images)
+    try:
+        write_split(subject_dir(tmp_path, "synthetic", "1"), "train", "1",
+                    SplitData(stim=images, ids=np.array(["a", "b", "c"])))
+        monkeypatch.setenv("TEST_KEY", "sk-cli-secret-987654")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        srv.fail = {0, 1, 2}
+        rc = gen.main(["--data-dir", str(tmp_path), "--dataset", "synthetic", "--subject", "1", "--prompt",
+                       "low_short", "--base-url", srv.url, "--api-key-env", "TEST_KEY", "--no-progress",
+                       "--workers", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "3 of 3 caption requests failed" in err[0]
+        assert "sk-cli-secret" not in err[0] and len(srv.requests) == 3
+    finally:
+        srv.close()
+
+
+def test_ai_caption_variant_with_failed_requests_is_not_built(tmp_path, monkeypatch):
+    """The experiment's ai_captions builder against a server answering 400: the builder fails with the
+    summary (no variant captions, no '' training captions), and succeeds on a rerun once the server
+    answers, asking only for the failed pairs."""
+    from pipeline import experiment as ex
+
+    images = _images(3)
+    ids = np.array(["a", "b", "c"])
+    _write_train(tmp_path, images, ids, [["cap a"], ["cap b"], ["cap c"]])
+    cfg, layout = _cfg_layout(tmp_path)
+    srv = EchoKeyServer(images)
+    try:
+        monkeypatch.setenv("TEST_KEY", "sk-variant-secret-55555")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        srv.fail = {0, 1, 2}
+        kw = dict(prompt="low_short", captioner="openai", base_url=srv.url, api_key_env="TEST_KEY", workers=1)
+        with pytest.raises(UserError, match="3 of 3 caption requests failed"):
+            ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        srv.fail = {2}
+        with pytest.raises(UserError, match="1 of 3 caption requests failed"):
+            ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        srv.fail = set()
+        built = ex.BUILDERS["ai_captions"](layout, cfg, **kw)
+        assert built["captions"].tolist() == [[SHORT_OK]] * 3
+        assert [r["image"] for r in srv.requests[6:]] == [2] and len(srv.requests) == 7
+    finally:
+        srv.close()

@@ -75,3 +75,51 @@ def test_flags_override_files_and_set_overrides_flags(tmp_path):
     assert cfg.run.subjects == ["7"]
     assert cfg.nsd.raw_dir == "/raw" and cfg.run.dataset == "nsd" and cfg.run.tiny_models
     assert cfg.versatile.reference_rng is True
+
+
+# ---------------------------------------------------------------------------------------------
+# value ranges, choices and safe names (issue 18): checked on load, before any step runs
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("versatile.batch_size=0", "versatile.batch_size: expected an integer >= 1, got 0"),
+    ("synthetic.n_train=0", "synthetic.n_train: expected an integer >= 2, got 0"),
+    ("versatile.strength=1.5", "versatile.strength: expected a number in (0, 1]"),
+    ("versatile.mix_text=-0.1", "versatile.mix_text: expected a number in [0, 1]"),
+    ("evaluate.profile=foo", "evaluate.profile: expected braindiffuser or mindeye, got 'foo'"),
+    ("versatile.text_features=maybe", "versatile.text_features"),
+    ("ridge.alpha_vdvae=-1", "ridge.alpha_vdvae: expected a number > 0"),
+    ("ridge.cv_alphas=1,0", "ridge.cv_alphas"),
+    ("run.device=gpu0", "run.device"),
+    ("run.dataset=imagenet", "run.dataset"),
+    ("nsd.n_sessions=41", "nsd.n_sessions: expected an integer in 1..40"),
+    ("evaluate.images=versatile,pixels", "evaluate.images"),
+    ("ridge.weights_dtype=int8", "ridge.weights_dtype"),
+])
+def test_out_of_range_values_and_unknown_choices_name_the_key(override, needle):
+    with pytest.raises(UserError) as err:
+        load_config([], [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["run.subjects=../../../outside", "run.subjects=1,a/b", "run.variant=..",
+                                      "run.variant=.hidden", "run.variant=a b", "run.subjects="])
+def test_names_that_could_leave_their_folder_are_refused(override):
+    with pytest.raises(UserError, match="not a safe name|run.subjects"):
+        load_config([], [override])
+
+
+def test_defaults_every_config_file_and_usual_names_pass_validation():
+    from pathlib import Path
+
+    from pipeline.config import check_name, validate
+
+    validate(Config())
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for path in sorted(root.glob("*.toml")):
+        load_config([path], [])
+    for name in ("1", "AM", "01", "sub-01", "random_fraction-0.25_draw-1", "settings_mix_text-0.99",
+                 "ai_captions_captioner-template_prompt-low_short", "settings_strength-1e-05"):
+        assert check_name(name, "name") == name
+    cfg = load_config([], ["versatile.strength=1", "versatile.mix_text=0", "run.device=cuda:1"])
+    assert cfg.versatile.strength == 1.0 and cfg.run.device == "cuda:1"

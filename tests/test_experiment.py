@@ -112,6 +112,53 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert status.count(" done ") == 4 and status.count("_log.err") == 4  # each task's own log file
 
 
+def test_failed_task_outcome_comes_from_the_task_record(tmp_path, capsys):
+    """A task that fails in its subprocess (local executor) is reported from the project's JSON task
+    record, in one line, and the grid exits with code 2."""
+    (tmp_path / "afile").write_text("x")
+    path = _write(tmp_path, f"""
+        [experiment]
+        dataset = "synthetic"
+        subjects = ["1"]
+        configs = ["{ROOT}/configs/demo.toml"]
+        [set]
+        "paths.data_dir" = "{tmp_path}/afile/data"
+        "paths.results_dir" = "{tmp_path}/res"
+    """)
+    assert re_recon_main.main([str(path), "--executor", "local", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip() and not ln[:2].isdigit()]
+    assert err[-1].startswith("error: 1 task(s) failed, e.g. sub1__base:") and "afile" in err[-1]
+    record = tmp_path / "res" / "experiments" / "grid" / "tasks" / "sub1__base.json"
+    import json
+
+    assert json.loads(record.read_text())["state"] == "failed"
+    # status and dry-run read only the project's JSON records: submitit's pickles can go
+    pickles = list((tmp_path / "res" / "experiments" / "grid" / "logs").rglob("*.pkl"))
+    assert pickles
+    for p in pickles:
+        p.unlink()
+    assert re_recon_main.main([str(path), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert "sub1__base" in status and " failed " in status and "NotADirectoryError" in status
+    assert re_recon_main.main([str(path), "--dry-run"]) == 0
+    assert "1 tasks, 0 complete, 1 to run" in capsys.readouterr().out
+
+
+def test_variant_keys_names_and_values_are_checked_when_the_file_is_read(tmp_path):
+    head = '[experiment]\ndataset = "synthetic"\n[[variants]]\n'
+    for body, needle in [('method = "random"\nfractoin = 0.5\n', "unknown key.*fractoin.*known: fraction"),
+                         ('method = "settings"\nname = ".."\n', "not a safe name"),
+                         ('method = "settings"\n"versatile.strenght" = 0.5\n', "unknown key versatile.strenght"),
+                         ('method = "settings"\n"versatile.mix_text" = 1.5\n', "versatile.mix_text: expected")]:
+        with pytest.raises(UserError, match=needle):
+            ex.load_experiment(str(_write(tmp_path, head + body)))
+    with pytest.raises(UserError, match="experiment name"):
+        bad = tmp_path / ".hidden.toml"
+        bad.write_text(head + 'method = "settings"\n')
+        ex.load_experiment(str(bad))
+
+
 def test_slurm_path_up_to_submission(tmp_path):
     """The SLURM resources reach submitit's AutoExecutor; its debug back end runs the submission."""
     settings = {"name": "slurm", "max_parallel": 1, "partition": "gpu", "gpus": 2, "cpus": 4, "time": 30, "mem": 16}
