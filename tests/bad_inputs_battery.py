@@ -298,6 +298,18 @@ def _download_bad_subject(case, env):
     return ["-m", "prepare_data.download_nsd", "--subjects", "9", "--dest", str(case / "nsd"), "--dry-run"]
 
 
+def _step_locked(case, env):
+    """A second run while another holds the ridge step's lock (the holder exits by itself in 60 s)."""
+    d = env.copy(case)
+    lock = run_dir(d) / "ridge.lock"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from pipeline.locks import step_lock\n"
+            "with step_lock(sys.argv[1], 'step ridge for sub1/base'):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([PY, "-c", code, str(lock), str(ROOT)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    holder.stdout.readline()
+    return synthetic(d, "--only", "ridge", "--force")
+
+
 CASES = [
     Case("versatile_batch_size_0", "--set versatile.batch_size=0", _config_case("versatile.batch_size=0")),
     Case("synthetic_n_train_0", "--set synthetic.n_train=0", _config_case("synthetic.n_train=0")),
@@ -344,6 +356,7 @@ CASES = [
     Case("vdvae_checkpoint_pickled_module", "VDVAE .th pickling a whole module, weights --check",
          _vdvae_pickled_module),
     Case("download_nsd_subject_9", "download_nsd --subjects 9", _download_bad_subject),
+    Case("step_locked", "a second run while another holds the ridge step's lock", _step_locked),
 ]
 
 

@@ -32,5 +32,6 @@ def test_every_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "'..': not a safe name" in by_name["variant_dotdot"]["message"]
     assert "versatile.batch_size" in by_name["versatile_batch_size_0"]["message"]
     assert "is a file" in by_name["results_is_a_file"]["message"]
+    assert "ridge.lock: step ridge for sub1/base is being run by pid" in by_name["step_locked"]["message"]
     assert out.getvalue().strip().endswith(f"{len(rows)}/{len(rows)} bad inputs ended with exit code 2 and one "
                                            "message line (caption server saw 0 requests)")
