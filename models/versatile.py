@@ -195,6 +195,18 @@ def load_versatile(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     apply_dual_transformer_patch()
     root = Path(path)
+    if root.is_file() and root.suffix in (".pth", ".ckpt", ".pt"):
+        # the original VD layout (Brain-Diffuser's vd-four-flow-v1-0-fp16-deprecated.pth), converted in memory
+        from models.vd_convert import load_pth
+
+        import logging
+
+        logging.getLogger("recon").info("[versatile] %s: converting the original VD checkpoint in memory "
+                                        "(`python -m models.vd_convert convert %s OUT_DIR` does it once)", root, root)
+        components = load_pth(root)
+        components.image_unet.to(device=torch.device(device), dtype=dtype).eval()
+        components.vae.to(device=torch.device(device), dtype=vae_dtype).eval()
+        return components
     if not root.is_dir():
         raise UserError(f"{root}: Versatile Diffusion folder not found; {WEIGHTS_HINT}")
     for sub in ("vae", "image_unet", "scheduler"):
