@@ -440,13 +440,31 @@ def to_original(components, arch: VDArchitecture | None = None) -> dict[str, tor
 def build_components(converted: dict[str, dict[str, torch.Tensor]], arch: VDArchitecture | None = None,
                      source: str = "checkpoint"):
     """VersatileComponents (dual image UNet, AutoencoderKL, VD scheduler) holding the converted weights."""
+    from models.versatile import VersatileComponents, vd_scheduler
+
+    arch = arch or VDArchitecture()
+    unet, vae = empty_models(arch)
+    for model, name in ((unet, "image_unet"), (vae, "vae")):
+        sd = {k: v.to(torch.float32).contiguous() for k, v in converted[name].items()}
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as exc:  # shape mismatch: another architecture than VDArchitecture
+            msg = " ".join(str(exc).split())
+            raise UserError(f"{source}: {name} tensors do not fit the VD architecture ({msg[:300]})") from None
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:  # a tensor the state dict does not carry (would stay uninitialised)
+            raise RuntimeError(f"{name}: tensors not set from the checkpoint: {_short(left)}")
+    return VersatileComponents(vae=vae.eval(), image_unet=unet.eval(), scheduler=vd_scheduler())
+
+
+def empty_models(arch: VDArchitecture):
+    """(dual image UNet, AutoencoderKL) of ``arch`` on the meta device (no memory, no random init)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models import DualTransformer2DModel
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from models.versatile import VersatileComponents, apply_dual_transformer_patch, vd_scheduler
+    from models.versatile import apply_dual_transformer_patch
 
-    arch = arch or VDArchitecture()
     apply_dual_transformer_patch()
     with torch.device("meta"):  # no random init of 860M parameters: every tensor comes from the checkpoint
         unet = UNet2DConditionModel(**arch.unet_config())
@@ -467,17 +485,7 @@ def build_components(converted: dict[str, dict[str, torch.Tensor]], arch: VDArch
         dual.transformers[1] = copy.deepcopy(image_tf)
         unet.get_submodule(parent)[int(index)] = dual
     unet.register_to_config(dual_cross_attention=True)
-    for model, name in ((unet, "image_unet"), (vae, "vae")):
-        sd = {k: v.to(torch.float32).contiguous() for k, v in converted[name].items()}
-        try:
-            model.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as exc:  # shape mismatch: another architecture than VDArchitecture
-            msg = " ".join(str(exc).split())
-            raise UserError(f"{source}: {name} tensors do not fit the VD architecture ({msg[:300]})") from None
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if left:  # a tensor the state dict does not carry (would stay uninitialised)
-            raise RuntimeError(f"{name}: tensors not set from the checkpoint: {_short(left)}")
-    return VersatileComponents(vae=vae.eval(), image_unet=unet.eval(), scheduler=vd_scheduler())
+    return unet, vae
 
 
 def check_schedule(sd: dict[str, torch.Tensor], source: str) -> None:
@@ -527,6 +535,7 @@ def main(argv=None) -> int:
     c.add_argument("out_dir")
     c.add_argument("--vae", help="kl-f8.pth (unprefixed AutoKL keys), if the .pth lacks autokl.* or to override it")
     c.add_argument("--dtype", default="float16", help="float16 (the checkpoint's precision, default) or float32")
+    sub.add_parser("table", help="print the full key mapping of VD v1.0 (markdown)")
     k = sub.add_parser("keys", help="classify the checkpoint's keys (mapped / unused / unknown / missing)")
     k.add_argument("pth")
     k.add_argument("--vae")
@@ -534,6 +543,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.cmd == "table":
+            table, text_unused = _layout(VDArchitecture())
+            print("| original key (.pth) | component | diffusers key | transform |\n|---|---|---|---|")
+            for e in table:
+                print(f"| `{e.original}` | {e.component} | `{e.target}` | {'1×1 conv → linear' if e.transform else ''} |")
+            for key in text_unused:
+                print(f"| `{key}` | unused | | text-flow layer |")
+            return 0
         if args.cmd == "convert":
             out = convert(args.pth, args.out_dir, args.vae, args.dtype)
             print(f"wrote {out} (vae/, image_unet/ with dual attention, scheduler/); "

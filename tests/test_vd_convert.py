@@ -338,3 +338,15 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, original):
         vc.load_pth(tmp_path / "betas.pth")
     # the CLI: exit 2 and one line
     assert vc.main(["convert", str(truncated), str(tmp_path / "o")]) == 2
+
+
+def test_real_size_table_covers_the_real_diffusers_models():
+    """For VD v1.0's sizes (on the meta device), the table sets exactly every tensor of the models."""
+    arch = vc.VDArchitecture()
+    unet, vae = vc.empty_models(arch)
+    table = vc.key_table(arch)
+    assert {e.target for e in table if e.component == "image_unet"} == set(unet.state_dict())
+    assert {e.target for e in table if e.component == "vae"} == set(vae.state_dict())
+    n_unet = sum(t.numel() for t in unet.state_dict().values())
+    assert 1.08e9 < n_unet < 1.17e9  # 860M image UNet + 16 text transformers (1,126,760,324)
+    assert vc.main(["table"]) == 0
