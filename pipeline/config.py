@@ -93,6 +93,7 @@ class FeaturesConfig:
     vdvae_batch_size: int = 30
     clip_batch_size: int = 16
     seed: int = 0  # posterior sampling of the VDVAE latents
+    max_captions: int = 5  # CLIP-text averages an image's first N non-empty captions (5 = the reference); 0 = all
 
 
 @dataclass

@@ -35,7 +35,6 @@ BETAS = BETAS_DIR + "/betas_session{n:02d}.nii.gz"
 
 ROI_NAME = "nsdgeneral"
 DEFAULT_N_SHARED = 1000  # used only if the design file lacks `sharedix`
-MAX_CAPTIONS = 5  # like COCO_73k_annots_curated.npy (73000, 5)
 IMAGE_CHUNK = 64  # images per HDF5 read
 
 
@@ -218,12 +217,10 @@ def _coco_captions(raw_dir: Path, ids_by_split: dict[str, np.ndarray]) -> tuple[
             annotations = json.loads(path.read_text())["annotations"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"{path}: not a COCO caption file ({exc!r})") from None
-        for ann in annotations:  # file order; at most MAX_CAPTIONS per image
-            key = (split, int(ann["image_id"]))
+        for ann in annotations:  # file order; every caption is kept (5-7 per COCO image), '' padded later;
+            key = (split, int(ann["image_id"]))  # the features step chooses how many to encode
             if key[1] in wanted:
-                caps = found.setdefault(key, [])
-                if len(caps) < MAX_CAPTIONS:
-                    caps.append(str(ann["caption"]).strip())
+                found.setdefault(key, []).append(str(ann["caption"]).strip())
         sources.append(path)
     out = {
         split: [found.get((coco_split[i], int(coco_id[i])), []) for i in ids]
