@@ -90,7 +90,8 @@ class VDArchitecture:
                    vae_ch_mult=(1, 1, 1, 1), vae_num_res_blocks=1)
 
     @classmethod
-    def infer(cls, sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor] | None = None) -> "VDArchitecture":
+    def infer(cls, sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor] | None = None,
+              num_heads: int = 8) -> "VDArchitecture":
         """Read the sizes from the checkpoint's tensor shapes (VD v1.0 values where a key is absent;
         the missing-key check then names it). The head count is not visible in shapes: VD's 8."""
         d = cls()
@@ -112,8 +113,11 @@ class VDArchitecture:
             else:
                 break
             i += 1
-        if not mults or len(set(counts)) != 1:
+        if not mults:
             return d
+        if len(set(counts)) != 1:
+            raise UserError(f"the image UNet has {counts} ResBlocks per level; only equal counts convert "
+                            "(diffusers' layers_per_block)")
         k = sd.get(next((k for k in sd if k.startswith(IMAGE) and k.endswith("attn2.to_k.weight")), ""), None)
         ctx = int(k.shape[1]) if k is not None else d.context_dim
         v = {kk[len(AUTOKL):]: t for kk, t in sd.items() if kk.startswith(AUTOKL)} if vae_sd is None else vae_sd
@@ -129,7 +133,7 @@ class VDArchitecture:
                 vae = dict(vae_ch=ch, vae_ch_mult=tuple(vm), vae_num_res_blocks=nres,
                            vae_z_channels=int(v["post_quant_conv.weight"].shape[0]))
         return cls(model_channels=mc, channel_mult=tuple(mults), num_res_blocks=counts[0], with_attn=tuple(attn),
-                   context_dim=ctx, in_channels=int(conv_in.shape[1]), **vae)
+                   context_dim=ctx, in_channels=int(conv_in.shape[1]), num_heads=int(num_heads), **vae)
 
     def unet_config(self) -> dict:
         return dict(
@@ -332,8 +336,21 @@ def unused_keys(arch: VDArchitecture | None = None) -> list[str]:
     return _layout(arch or VDArchitecture())[1]
 
 
+def _text_module(key: str) -> str | None:
+    """The text-UNet module position of a key (``unet_text.input_blocks.4.0``, ``unet_text.out.2``)."""
+    if not key.startswith(TEXT):
+        return None
+    parts = key[len(TEXT):].split(".")
+    n = 3 if parts[0] in ("input_blocks", "output_blocks") else 2
+    return TEXT + ".".join(parts[:n]) if len(parts) > n else None
+
+
 def unused_reason(key: str, text_unused: set[str]) -> str | None:
-    if key in text_unused:
+    """Why a key is deliberately unused, or None. ``text_unused``: the expected text-flow keys; any
+    key of the same text-UNet *modules* counts too (e.g. a skip connection that another second_dim
+    would add), never one of the transformer slots."""
+    text_modules = {_text_module(k) for k in text_unused}
+    if key in text_unused or (_text_module(key) is not None and _text_module(key) in text_modules):
         return "text UNet's text-flow layer (FC block / linear / output head): Brain-Diffuser runs only its transformers"
     if key in SCHEDULE_BUFFERS:
         return "DDPM schedule buffer (rebuilt from VD's constants; checked against them)"
@@ -501,11 +518,12 @@ def check_schedule(sd: dict[str, torch.Tensor], source: str) -> None:
                         f"(scaled_linear {VD_BETA_START}–{VD_BETA_END}, {VD_NUM_TRAIN_TIMESTEPS} steps)")
 
 
-def load_pth(path: str | Path, vae: str | Path | None = None, arch: VDArchitecture | None = None):
+def load_pth(path: str | Path, vae: str | Path | None = None, arch: VDArchitecture | None = None,
+             num_heads: int = 8):
     """Original-layout .pth (+ optional kl-f8.pth) → VersatileComponents, in memory."""
     sd = read_checkpoint(path)
     vae_sd = read_checkpoint(vae) if vae else None
-    arch = arch or VDArchitecture.infer(sd, vae_sd)
+    arch = arch or VDArchitecture.infer(sd, vae_sd, num_heads)
     check_schedule(sd, str(path))
     converted = convert_state_dicts(sd, arch, vae_sd, source=str(path))
     del sd, vae_sd
@@ -513,13 +531,13 @@ def load_pth(path: str | Path, vae: str | Path | None = None, arch: VDArchitectu
 
 
 def convert(path: str | Path, out_dir: str | Path, vae: str | Path | None = None, dtype: str = "float16",
-            arch: VDArchitecture | None = None) -> Path:
+            arch: VDArchitecture | None = None, num_heads: int = 8) -> Path:
     """Write the diffusers folder ``models.versatile.load_versatile`` reads (vae/, image_unet/, scheduler/)."""
     from models.versatile import save_versatile
 
     if dtype not in ("float16", "float32"):
         raise UserError(f"--dtype {dtype!r}: expected float16 or float32")
-    components = load_pth(path, vae, arch)
+    components = load_pth(path, vae, arch, num_heads)
     if dtype == "float16":  # the checkpoint's own precision: the same bits as the .pth
         components.image_unet.to(torch.float16)
         components.vae.to(torch.float16)
@@ -535,6 +553,7 @@ def main(argv=None) -> int:
     c.add_argument("out_dir")
     c.add_argument("--vae", help="kl-f8.pth (unprefixed AutoKL keys), if the .pth lacks autokl.* or to override it")
     c.add_argument("--dtype", default="float16", help="float16 (the checkpoint's precision, default) or float32")
+    c.add_argument("--heads", type=int, default=8, help="attention heads per transformer (VD: 8; not visible in shapes)")
     sub.add_parser("table", help="print the full key mapping of VD v1.0 (markdown)")
     k = sub.add_parser("keys", help="classify the checkpoint's keys (mapped / unused / unknown / missing)")
     k.add_argument("pth")
@@ -552,7 +571,7 @@ def main(argv=None) -> int:
                 print(f"| `{key}` | unused | | text-flow layer |")
             return 0
         if args.cmd == "convert":
-            out = convert(args.pth, args.out_dir, args.vae, args.dtype)
+            out = convert(args.pth, args.out_dir, args.vae, args.dtype, num_heads=args.heads)
             print(f"wrote {out} (vae/, image_unet/ with dual attention, scheduler/); "
                   f"set models.versatile = \"{out}\"")
         else:

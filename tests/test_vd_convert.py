@@ -309,6 +309,15 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, original):
     with pytest.raises(UserError, match=r"1 key\(s\) neither mapped.*input_blocks\.99") as e:
         vc.convert_state_dicts(extra, ARCH, source="bad.pth")
     assert "\n" not in str(e.value)
+    # a key inside a transformer slot of the text UNet is not swallowed by the text-flow rule
+    odd = dict(original)
+    odd[vc.TEXT + "input_blocks.1.1.transformer_blocks.0.attn3.to_q.weight"] = torch.zeros(1)
+    with pytest.raises(UserError, match="attn3"):
+        vc.convert_state_dicts(odd, ARCH)
+    # while another key of a text-flow module (e.g. a skip connection another second_dim adds) is unused
+    tolerant = dict(original)
+    tolerant[vc.TEXT + "input_blocks.1.0.skip_connection.weight"] = torch.zeros(1)
+    assert "text-flow" in vc.classify(tolerant, ARCH).unused[vc.TEXT + "input_blocks.1.0.skip_connection.weight"]
     missing = dict(original)
     del missing[vc.IMAGE + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
     del missing[vc.TEXT + "middle_block.1.proj_out.bias"]
