@@ -4,6 +4,8 @@ Under ``<results_dir>/experiments/<experiment>/``: ``metrics_long.csv`` (subject
 ``metrics_summary.{csv,json}`` (mean ± s.e.m. across subjects), bar plots per image set, for
 dropout-style grids a plot of every metric against the training fraction per selection method
 with the full-data baseline, and per subject a grid of example reconstructions across variants.
+NSD experiments also get the paper's Table 1 / Table 2 beside the measured rows
+(``paper_tables.{md,csv}``, :mod:`evaluation.paper_tables`).
 """
 from __future__ import annotations
 
@@ -88,6 +90,11 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
         r["method_label"] = _label(spec)
         r["fraction"] = dict(spec.params).get("fraction")
     write_summary(out, records, rows=rows)
+    if exp.dataset == "nsd":  # the paper's Table 1 / Table 2 beside the measured rows
+        from evaluation.paper_tables import write_paper_tables
+
+        n_images = sorted({res.get("n_images") for r in records for res in r["reconstruction"].values()} - {None})
+        write_paper_tables(out, rows, specs, n_images=n_images[0] if len(n_images) == 1 else None)
     kinds = sorted({r["images"] for r in rows if not r["images"].startswith("decoder:")})
     for kind in kinds:
         fraction_plot(out / f"fraction_{kind}.png", rows, (kind,))

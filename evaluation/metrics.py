@@ -12,7 +12,10 @@ EffNet-B, SwAV) under two conventions, and the optional DreamSim distance.
 * Networks: every image -> torchvision ``resize((224, 224))`` on the PIL image (bilinear, no crop)
   -> ``to_tensor`` -> CLIP or ImageNet mean/std. CLIP in float32, EfficientNet-B1 IMAGENET1K_V1.
 
-``profile="mindeye"`` (``prior-art.md`` §2; MindEye2's pinned torchvision 0.17 / scikit-image 0.22):
+``profile="mindeye"`` (``prior-art.md`` §2; MindEye2's ``final_evaluations.ipynb``, scikit-image 0.22;
+its ``setup.sh`` names torchvision 0.16.0, but the notebook's saved outputs carry none of the
+antialias warnings 0.15-0.16 print for tensor resizes, so it ran with the >= 0.17 default;
+checked against an independent re-computation in ``tests/test_mindeye_profile.py``):
 
 * every image -> float tensor in [0, 1] -> ``Resize((256, 256))`` bilinear (antialiased, the
   torchvision >= 0.17 default), then per use ``Resize(size)`` (shorter side, bilinear):

@@ -340,8 +340,11 @@ class Decoder(nn.Module):
         """Decode with z given for the first ``len(latents)`` groups and prior samples after.
 
         latents: list of (N, zdim, r, r). Returns px_z (N, width, image_size, image_size).
-        ``temperature`` scales the prior std of the sampled groups (None or 1 = unchanged).
+        ``temperature`` scales the prior std of the sampled groups (None or 1 = unchanged; 0 = the
+        prior mean, as the reference's ``pv + log(t)`` gives at t = 0).
         """
+        if temperature is not None and not (temperature >= 0.0 and math.isfinite(temperature)):
+            raise UserError(f"VDVAE temperature must be a finite number >= 0, got {temperature}")
         n = noise.n
         ref = self.gain
         xs = self.start_states()
@@ -352,9 +355,13 @@ class Decoder(nn.Module):
             if i < len(latents):
                 z = latents[i].to(device=x.device, dtype=x.dtype)
             else:
-                if temperature is not None and temperature != 1.0:
-                    pv = pv + math.log(temperature)
-                z = pm + torch.exp(pv) * noise.normal(pm.shape[1:], pm)
+                eps = noise.normal(pm.shape[1:], pm)  # drawn at every temperature: later draws stay aligned
+                if temperature is None or temperature == 1.0:
+                    z = pm + torch.exp(pv) * eps
+                elif temperature == 0.0:  # the reference's exp(pv + log 0) = 0: the prior mean
+                    z = pm
+                else:
+                    z = pm + torch.exp(pv + math.log(temperature)) * eps
             xs[block.res] = block.finish(x, z)
         return xs[self.image_size] * self.gain + self.bias
 
@@ -622,7 +629,7 @@ def decode_latents(model: VDVAE, latents: np.ndarray, n_groups: int | None = Non
 
     latents: (N, D) with D = ``latent_dim(config, n_groups)``. Groups 0..n_groups-1 use the given
     z (their prior still adds its residual), the remaining groups draw z from the prior
-    (``temperature`` None/1 = unchanged), then pixels are drawn from the DMoL head. Image i's
+    (``temperature`` None/1 = unchanged, 0 = the prior mean), then pixels are drawn from the DMoL head. Image i's
     noise (prior Gaussians in block order, then the mixture and logistic uniforms) comes from a
     generator seeded with ``seeds[i]`` (default ``seed + i``), so
     ``decode_latents(model, latents[i:i+1], seeds=[seed + i])`` reproduces image i.

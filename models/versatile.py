@@ -195,6 +195,18 @@ def load_versatile(path: str | os.PathLike, device: str | torch.device = "cpu", 
     """
     apply_dual_transformer_patch()
     root = Path(path)
+    if root.is_file() and root.suffix in (".pth", ".ckpt", ".pt"):
+        # the original VD layout (Brain-Diffuser's vd-four-flow-v1-0-fp16-deprecated.pth), converted in memory
+        from models.vd_convert import load_pth
+
+        import logging
+
+        logging.getLogger("recon").info("[versatile] %s: converting the original VD checkpoint in memory "
+                                        "(`python -m models.vd_convert convert %s OUT_DIR` does it once)", root, root)
+        components = load_pth(root)
+        components.image_unet.to(device=torch.device(device), dtype=dtype).eval()
+        components.vae.to(device=torch.device(device), dtype=vae_dtype).eval()
+        return components
     if not root.is_dir():
         raise UserError(f"{root}: Versatile Diffusion folder not found; {WEIGHTS_HINT}")
     for sub in ("vae", "image_unet", "scheduler"):
@@ -447,6 +459,7 @@ def img2img(
     batch_size: int = 4,
     output_type: str = "uint8",
     progress: bool = True,
+    init_latents=None,
 ) -> np.ndarray:
     """Brain-Diffuser's dual-guided img2img on given CLIP embeddings (method.md §5.2).
 
@@ -457,13 +470,24 @@ def img2img(
     (Brain-Diffuser's sequential seed-0 stream). ``batch_size`` images share one UNet call of
     2·batch_size samples ([uncond; cond]). Returns (N,H,W,3) uint8 (``output_type="uint8"``, BD's
     PNG values) or float32 in [0,1] before the ×255 truncation (``"float"``, for comparisons).
+    ``init_latents``: (N,C,h,w) latents in the diffusion's (scaled) space used instead of encoding
+    images (``init_images`` is then None): the paper's "w/o VDVAE" = random AutoKL latent.
     """
     # 0. check inputs
     unet, vae = components.image_unet, components.vae
     device = unet.device
-    x_unit = _init_to_unit(init_images)
-    n, _, height, width = x_unit.shape
     f = components.vae_scale_factor
+    if init_latents is not None:
+        if init_images is not None:
+            raise UserError("give init_images or init_latents, not both")
+        lat = _as_tensor(init_latents, "init_latents", 4).to(torch.float32)
+        if lat.shape[1] != vae.config.latent_channels:
+            raise UserError(f"init_latents: expected {vae.config.latent_channels} channels, got shape {tuple(lat.shape)}")
+        n, height, width = lat.shape[0], lat.shape[2] * f, lat.shape[3] * f
+        x_unit = None
+    else:
+        x_unit = _init_to_unit(init_images)
+        n, _, height, width = x_unit.shape
     if height % f or width % f:
         raise UserError(f"init_images: height and width must be multiples of {f}, got {height}×{width}")
     vc, tc = _as_tensor(vision_cond, "vision_cond", 3), _as_tensor(text_cond, "text_cond", 3)
@@ -502,12 +526,16 @@ def img2img(
         idx = range(start, min(start + batch_size, n))
         b = len(idx)
         # 2. encode the init images: posterior SAMPLE × scaling factor, then noise to the start level
-        posterior = vae.encode((x_unit[start:start + b] * 2 - 1).to(device=device, dtype=vae.dtype)).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
+        if x_unit is not None:
+            posterior = vae.encode((x_unit[start:start + b] * 2 - 1).to(device=device, dtype=vae.dtype)).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()
         z = []
         for k, i in enumerate(idx):
             g_post, g_fwd = noise.draws(i)
-            z0 = (mean[k:k + 1] + std[k:k + 1] * _randn(tuple(mean[k:k + 1].shape), g_post, device)) * sf
+            if x_unit is None:  # given latents: no encoder, no posterior draw
+                z0 = lat[start + k:start + k + 1].to(device)
+            else:
+                z0 = (mean[k:k + 1] + std[k:k + 1] * _randn(tuple(mean[k:k + 1].shape), g_post, device)) * sf
             if sched.noise_timestep is not None:
                 eps = _randn(tuple(z0.shape), g_fwd, device)
                 z0 = math.sqrt(sched.noise_alpha) * z0 + math.sqrt(1.0 - sched.noise_alpha) * eps

@@ -94,6 +94,7 @@ class FeaturesConfig:
     vdvae_batch_size: int = 30
     clip_batch_size: int = 16
     seed: int = 0  # posterior sampling of the VDVAE latents
+    max_captions: int = 5  # CLIP-text averages an image's first N non-empty captions (5 = the reference); 0 = all
 
 
 @dataclass
@@ -128,9 +129,11 @@ class VersatileConfig:
     seed: int = 0
     batch_size: int = 4
     fp16: bool = True  # on CUDA only
-    use_vdvae_init: bool = True  # False = random init latent ("w/o VDVAE" ablation)
-    use_clip_text: bool = True  # False = unconditional text ("w/o CLIP-Text")
-    use_clip_vision: bool = True  # False = unconditional vision ("w/o CLIP-Vision")
+    use_vdvae_init: bool = True  # False = "w/o VDVAE" ablation, made as without_vdvae says
+    without_vdvae: str = "random_latent"  # 'random_latent' (paper p. 9: random AutoKL latent) | 'noise_image'
+    use_clip_text: bool = True  # False = "w/o CLIP-Text", made as clip_ablation says
+    use_clip_vision: bool = True  # False = "w/o CLIP-Vision", made as clip_ablation says
+    clip_ablation: str = "mixing"  # 'mixing' (vision-only / text-only dual attention) | 'unconditional' embedding
     text_features: str = "predicted"  # 'predicted' | 'true' (usetruecliptext) | 'shuffled' (badshuffle)
 
 

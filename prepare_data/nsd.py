@@ -36,7 +36,6 @@ BETAS = BETAS_DIR + "/betas_session{n:02d}.nii.gz"
 
 ROI_NAME = "nsdgeneral"
 DEFAULT_N_SHARED = 1000  # used only if the design file lacks `sharedix`
-MAX_CAPTIONS = 5  # like COCO_73k_annots_curated.npy (73000, 5)
 IMAGE_CHUNK = 64  # images per HDF5 read
 
 
@@ -224,17 +223,15 @@ def _coco_captions(raw_dir: Path, ids_by_split: dict[str, np.ndarray]) -> tuple[
             annotations = json.loads(path.read_text())["annotations"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UserError(f"{path}: not a COCO caption file ({exc!r})") from None
-        for n, ann in enumerate(annotations):  # file order; at most MAX_CAPTIONS per image
-            try:
+        for n, ann in enumerate(annotations):  # file order; every caption is kept (5-7 per COCO image),
+            try:                                # '' padded later; the features step chooses how many to encode
                 key = (split, int(ann["image_id"]))
                 caption = str(ann["caption"]).strip()
             except (KeyError, TypeError, ValueError) as exc:
                 raise UserError(f"{path}: annotation #{n} has no usable image_id/caption ({type(exc).__name__}: "
                                 f"{exc}); not a COCO caption file") from None
             if key[1] in wanted:
-                caps = found.setdefault(key, [])
-                if len(caps) < MAX_CAPTIONS:
-                    caps.append(caption)
+                found.setdefault(key, []).append(caption)
         sources.append(path)
     out = {
         split: [found.get((coco_split[i], int(coco_id[i])), []) for i in ids]

@@ -50,6 +50,33 @@ def load_init_images(paths: list[Path], size: int | None = None) -> np.ndarray:
     return np.stack(out)
 
 
+WITHOUT_VDVAE = ("random_latent", "noise_image")
+CLIP_ABLATIONS = ("mixing", "unconditional")
+
+
+def ablation_mix_text(v) -> float:
+    """The text share of the dual attention after the CLIP ablations.
+
+    ``clip_ablation = "mixing"`` (default; the reference script's ``-mix_str`` switch): "w/o CLIP-Text"
+    runs the vision transformers only (mix_text 0), "w/o CLIP-Vision" the text ones only (mix_text 1).
+    ``"unconditional"`` keeps the configured mixing and replaces the embedding by the unconditional one
+    (see :func:`conditioning`).
+    """
+    if v.clip_ablation not in CLIP_ABLATIONS:
+        raise UserError(f"versatile.clip_ablation = {v.clip_ablation!r}: expected one of {', '.join(CLIP_ABLATIONS)}")
+    if v.clip_ablation == "unconditional" or (v.use_clip_text and v.use_clip_vision):
+        return v.mix_text
+    if not v.use_clip_text and not v.use_clip_vision:
+        raise UserError("versatile.use_clip_text and use_clip_vision are both false: with clip_ablation = 'mixing' "
+                        "nothing would guide the image; use clip_ablation = 'unconditional' for that control")
+    return 0.0 if not v.use_clip_text else 1.0
+
+
+def random_init_latents(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
+    """The paper's "w/o VDVAE": a standard-normal AutoKL latent (diffusion space) per image, seeded [seed, i]."""
+    return np.stack([np.random.default_rng([seed, int(i)]).standard_normal(shape, dtype=np.float32) for i in indices])
+
+
 def conditioning(ctx, clip) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
     """(vision_cond, text_cond, vision_uncond, text_uncond) after the configured controls."""
     v, layout = ctx.cfg.versatile, ctx.layout
@@ -65,10 +92,11 @@ def conditioning(ctx, clip) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch
         text = shuffle_elements(text, v.seed)
     text_uncond = clip.unconditional_text()
     vision_uncond = clip.unconditional_image()
-    if not v.use_clip_text:
-        text = np.broadcast_to(np.asarray(text_uncond.cpu()), text.shape)
-    if not v.use_clip_vision:
-        vision = np.broadcast_to(np.asarray(vision_uncond.cpu()), vision.shape)
+    if v.clip_ablation == "unconditional":  # the named alternative: the unconditional embedding as condition
+        if not v.use_clip_text:
+            text = np.broadcast_to(np.asarray(text_uncond.cpu()), text.shape)
+        if not v.use_clip_vision:
+            vision = np.broadcast_to(np.asarray(vision_uncond.cpu()), vision.shape)
     if len(vision) != len(text):
         raise UserError(f"{layout.prediction('clipvision')}: {len(vision)} rows but CLIP-text has {len(text)}")
     return vision, text, vision_uncond, text_uncond
@@ -80,6 +108,9 @@ def run(ctx) -> None:
     v, layout = ctx.cfg.versatile, ctx.layout
     if not 0.0 <= v.strength <= 1.0 or not 0.0 <= v.mix_text <= 1.0:
         raise UserError(f"versatile.strength ({v.strength}) and versatile.mix_text ({v.mix_text}) must lie in [0, 1]")
+    if v.without_vdvae not in WITHOUT_VDVAE:
+        raise UserError(f"versatile.without_vdvae = {v.without_vdvae!r}: expected one of {', '.join(WITHOUT_VDVAE)}")
+    mix_text = ablation_mix_text(v)
     on_gpu = str(ctx.device).startswith("cuda")
     dtype = torch.float16 if (v.fp16 and on_gpu) else torch.float32
     clip = load_models.clip(ctx.cfg, ctx.device)
@@ -98,18 +129,22 @@ def run(ctx) -> None:
     bar = tqdm(total=len(todo), desc=f"versatile sub{ctx.subject}", unit="img", disable=not ctx.progress)
     for start in range(0, len(todo), v.batch_size):
         idx = todo[start:start + v.batch_size]
+        init, latents = None, None
+        size = ctx.cfg.vdvae_init.output_size
         if v.use_vdvae_init:
             init = load_init_images([init_paths[i] for i in idx])
-        else:  # "w/o VDVAE": a seeded random image instead of the VDVAE guess
-            size = load_init_images([init_paths[idx[0]]]).shape[1]
+        elif v.without_vdvae == "random_latent":  # "w/o VDVAE" (paper): a seeded random AutoKL latent
+            f = components.vae_scale_factor
+            latents = random_init_latents(v.seed, idx, (components.vae.config.latent_channels, size // f, size // f))
+        else:  # "noise_image": a seeded random-pixel image encoded through AutoKL (~25 % survives strength 0.75)
             init = np.stack([np.random.default_rng([v.seed, i]).integers(0, 256, (size, size, 3), dtype=np.uint8)
                              for i in idx])
         generators = None if reference else [torch.Generator("cpu").manual_seed(v.seed + i) for i in idx]
         images = img2img(components, init, vision[idx], text[idx], vision_uncond, text_uncond,
                          strength=v.strength, num_inference_steps=v.num_inference_steps,
-                         guidance_scale=v.guidance_scale, mix_text=v.mix_text, generators=generators,
+                         guidance_scale=v.guidance_scale, mix_text=mix_text, generators=generators,
                          reference_rng=reference, reference_offset=v.reference_offset, batch_size=v.batch_size,
-                         progress=False)
+                         progress=False, init_latents=latents)
         for i, img in zip(idx, images):
             io.save_image(paths[i], img)
         bar.update(len(idx))
@@ -123,7 +158,9 @@ def outputs(ctx) -> list[Path]:
 
 def inputs(ctx) -> list[Path]:
     layout = ctx.layout
-    out = [layout.prediction("clipvision"), layout.prediction("cliptext"), layout.images("vdvae")]
+    out = [layout.prediction("clipvision"), layout.prediction("cliptext")]
+    if ctx.cfg.versatile.use_vdvae_init:
+        out.append(layout.images("vdvae"))
     if ctx.cfg.versatile.text_features == "true":
         out.append(layout.base.features("cliptext", "test"))
     return out

@@ -1,7 +1,8 @@
 """Step 2, ``features``: the regression targets of every training and test image.
 
 * ``vdvae``: posterior samples of the first ``features.vdvae_groups`` VDVAE groups (91,168-d).
-* ``cliptext``: CLIP-text 77×768, averaged over an image's non-empty captions.
+* ``cliptext``: CLIP-text 77×768, averaged over an image's first ``features.max_captions`` (5)
+  non-empty captions; ``features/cliptext_<split>.captions.json`` records the choice.
 * ``clipvision``: CLIP-vision 257×768.
 
 Written as float32 ``.npy`` files filled chunk by chunk (NSD CLIP-vision train is 7 GB). For a
@@ -49,6 +50,47 @@ def _clip_features(encode, items, path, desc, progress):
             out[start:start + CHUNK] = encode(items[start:start + CHUNK])
 
 
+def first_captions(cap: np.ndarray, max_captions: int) -> np.ndarray:
+    """Each row's first ``max_captions`` non-empty captions, in order, '' padded (0 = keep all).
+
+    The common format keeps every caption (COCO has 5-7 per image); Brain-Diffuser averages the
+    curated file's 5, i.e. the first 5 of the annotation file.
+    """
+    from models.clip import caption_mask
+
+    if max_captions < 0:
+        raise UserError(f"features.max_captions = {max_captions}: expected >= 0 (0 = all captions)")
+    cap = np.asarray(cap)
+    present = caption_mask(cap)
+    width = int(present.sum(axis=1).max(initial=0))
+    if max_captions:
+        width = min(width, max_captions)
+    out = np.full((len(cap), max(width, 1)), "", dtype=cap.dtype)
+    for i, (row, keep) in enumerate(zip(cap, present)):
+        chosen = row[keep][:width]
+        out[i, :len(chosen)] = chosen
+    return out
+
+
+def _record_captions(path: Path, cap: np.ndarray, chosen: np.ndarray, max_captions: int) -> None:
+    """``cliptext_<split>.captions.json`` beside the features: which captions were encoded."""
+    from models.clip import caption_mask
+
+    have, used = caption_mask(cap).sum(axis=1), caption_mask(chosen).sum(axis=1)
+    io.save_json(path.with_suffix(".captions.json"), {
+        "max_captions": int(max_captions), "rule": "first non-empty captions in the common format's order",
+        "n_images": int(len(cap)), "captions_available": int(have.sum()), "captions_encoded": int(used.sum()),
+        "images_with_more_than_encoded": int((have > used).sum()),
+        "encoded_per_image": {str(k): int(v) for k, v in zip(*np.unique(used, return_counts=True))}})
+
+
+def _encode_captions(clip, cap, path, desc, cfg, progress) -> None:
+    chosen = first_captions(cap, cfg.features.max_captions)
+    _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=cfg.features.clip_batch_size), chosen,
+                   path, desc, progress)
+    _record_captions(path, cap, chosen, cfg.features.max_captions)
+
+
 def _warn_missing_captions(cap: np.ndarray, split: str) -> None:
     from models.clip import images_without_captions
 
@@ -80,8 +122,8 @@ def run(ctx) -> None:
     clip = load_models.clip(cfg, ctx.device)
     for split in todo("cliptext"):
         _warn_missing_captions(splits[split].cap, split)
-        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=f.clip_batch_size), splits[split].cap,
-                       layout.features("cliptext", split), f"CLIP-text {split}", ctx.progress)
+        _encode_captions(clip, splits[split].cap, layout.features("cliptext", split), f"CLIP-text {split}", cfg,
+                         ctx.progress)
     for split in todo("clipvision"):
         _clip_features(lambda s: clip.encode_images(s, batch_size=f.clip_batch_size), splits[split].stim,
                        layout.features("clipvision", split), f"CLIP-vision {split}", ctx.progress)
@@ -101,8 +143,8 @@ def _run_variant(ctx) -> None:
     bs = ctx.cfg.features.clip_batch_size
     if variant.captions is not None:
         _warn_missing_captions(variant.captions, "train")
-        _clip_features(lambda c: clip.encode_captions_per_image(c, batch_size=bs), variant.captions,
-                       ctx.layout.features("cliptext", "train"), "CLIP-text train (variant)", ctx.progress)
+        _encode_captions(clip, variant.captions, ctx.layout.features("cliptext", "train"),
+                         "CLIP-text train (variant)", ctx.cfg, ctx.progress)
     if variant.stim_clipvision is not None:
         # perturbation sets are already CLIP inputs (224 px): no 512 px detour that would blur them
         _clip_features(lambda s: clip.encode_images(s, batch_size=bs, reference_resize=False), variant.stim_clipvision,

@@ -53,6 +53,8 @@ def run(ctx) -> None:
     from regression.ridge import MultiTargetRidge, normalise_fmri
 
     r = ctx.cfg.ridge
+    if r.save_weights:
+        weights_dtype(r.weights_dtype)
     fit = list(TARGETS)
     if ctx.variant != "base":
         variant = load_variant(ctx.layout)
@@ -78,11 +80,45 @@ def run(ctx) -> None:
     for target in fit:
         io.save_npy(ctx.layout.prediction(target), predictions[target].astype(np.float32))
     if r.save_weights:
-        for target in fit:
-            model.save_weights(target, ctx.layout.ridge_weights(target), dtype=r.weights_dtype)
+        dtype = weights_dtype(r.weights_dtype)
+        for target in fit:  # one streamed safetensors file per target group
+            model.save_weights(ctx.layout.ridge_weights(target), dtype=dtype, names=[target])
+        save_normalisation(normalisation_path(ctx.layout), stats)
     chosen = getattr(model, "alphas_", None) or {t: alphas[t] for t in fit}
     log.info("[ridge] sub%s/%s: n_train=%d, voxels=%d, alphas=%s", ctx.subject, ctx.variant, X.shape[0],
              X.shape[1], {k: float(np.mean(v)) for k, v in chosen.items()})
+
+
+WEIGHTS_DTYPES = ("float16", "float32", "float64")
+
+
+def weights_dtype(name: str) -> np.dtype:
+    """``ridge.weights_dtype`` as a numpy dtype (checked before the long fit, not after)."""
+    if name not in WEIGHTS_DTYPES:
+        raise UserError(f"ridge.weights_dtype = {name!r}: expected one of {', '.join(WEIGHTS_DTYPES)}")
+    return np.dtype(name)
+
+
+def normalisation_path(layout) -> Path:
+    """Beside the saved weights: ``weights/fmri_normalisation.safetensors``."""
+    return layout.ridge_weights("vdvae").parent / "fmri_normalisation.safetensors"
+
+
+def save_normalisation(path: Path, stats: dict) -> Path:
+    """The fMRI normalisation the saved weights expect: ``x_norm = (x / scale − mean) / std``.
+
+    safetensors tensors ``mean`` and ``std`` (n_voxel,) float64 and ``constant_voxels`` (k,) int64,
+    with ``scale`` in the metadata, so the weights can be applied to raw fMRI of the same mask.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = {"mean": np.ascontiguousarray(stats["mean"], np.float64),
+               "std": np.ascontiguousarray(stats["std"], np.float64),
+               "constant_voxels": np.ascontiguousarray(stats["constant_voxels"], np.int64)}
+    with io.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"scale": repr(float(stats["scale"])),
+                                              "formula": "x_norm = (x / scale - mean) / std"})
+    return path
 
 
 def _ensure_base(ctx) -> None:
@@ -95,7 +131,7 @@ def _ensure_base(ctx) -> None:
 def outputs(ctx) -> list[Path]:
     out = [ctx.layout.prediction(t) for t in TARGETS]
     if ctx.cfg.ridge.save_weights:
-        out += [ctx.layout.ridge_weights(t) for t in TARGETS]
+        out += [ctx.layout.ridge_weights(t) for t in TARGETS] + [normalisation_path(ctx.layout)]
     return out
 
 

@@ -103,13 +103,11 @@ def make_nsd_fixture(
             ann_id += 1
     for content in files.values():  # interleave images, as in the real files
         content["annotations"] = [content["annotations"][i] for i in rng.permutation(len(content["annotations"]))]
-    coco_expected = [[] for _ in range(n_pool)]  # the first 5 captions of each image in file order
+    coco_expected = [[] for _ in range(n_pool)]  # every caption of each image, in file order
     by_coco = {(coco_split[i], int(coco_ids[i])): i for i in range(n_pool)}
     for split, content in files.items():
         for ann in content["annotations"]:
-            caps = coco_expected[by_coco[(split, ann["image_id"])]]
-            if len(caps) < 5:
-                caps.append(ann["caption"])
+            coco_expected[by_coco[(split, ann["image_id"])]].append(ann["caption"])
     ann_dir = root / "nsddata_stimuli/stimuli/nsd/annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
     for split, content in files.items():

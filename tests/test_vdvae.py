@@ -272,3 +272,31 @@ def test_dmol_sampling_matches_numpy():
 
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0])
     np.testing.assert_array_equal(to_uint8(x), np.array([0, 0, 127, 191, 255], dtype=np.uint8))
+
+
+def test_temperature_zero_is_the_prior_mean(tiny, images):
+    """T = 0 gives the reference's exp(pv + log 0) = 0, i.e. z = prior mean (no math domain error)."""
+    z = extract_latents(tiny, images[:2], seed=0)
+    groups = split_latents(torch.from_numpy(z[:, :latent_dim(tiny.config, 2)]), latent_shapes(tiny.config, 2))
+    dec = tiny.decoder
+    with torch.no_grad():
+        px0 = dec.forward_manual_latents(groups, PerImageNoise([1, 2]), temperature=0.0)
+        # the prior noise no longer matters
+        torch.testing.assert_close(px0, dec.forward_manual_latents(groups, PerImageNoise([7, 8]), temperature=0.0))
+        # continuity: a vanishing temperature tends to the same decoding
+        px_small = dec.forward_manual_latents(groups, PerImageNoise([7, 8]), temperature=1e-7)
+        torch.testing.assert_close(px0, px_small, rtol=1e-4, atol=1e-4)
+        # T = 1 differs (the noise is really used there)
+        assert (dec.forward_manual_latents(groups, PerImageNoise([7, 8]), temperature=1.0) - px0).abs().max() > 1e-3
+        # by hand: every sampled group takes the prior mean pm = prior(x)[:, :zdim]
+        xs = dec.start_states()
+        for i, block in enumerate(dec.dec_blocks):
+            x = block.block_input(xs, 2, dec.gain)
+            f = block.prior(x)
+            zz = groups[i] if i < len(groups) else f[:, :block.zdim]
+            xs[block.res] = block.resnet(x + f[:, 2 * block.zdim:] + block.z_proj(zz))
+        torch.testing.assert_close(px0, xs[tiny.config.image_size] * dec.gain + dec.bias)
+    out = decode_latents(tiny, z[:, :latent_dim(tiny.config, 2)], n_groups=2, temperature=0.0, seed=3)
+    assert out.shape == (2, 64, 64, 3)
+    with pytest.raises(UserError, match="temperature"):
+        dec.forward_manual_latents(groups, PerImageNoise([1, 2]), temperature=-1.0)

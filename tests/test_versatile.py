@@ -49,8 +49,10 @@ def bd_alphas_cumprod():
 
 
 @torch.no_grad()
-def reference_img2img(c, inp, steps, strength, guidance, mix_text, generator_for):
-    """One image at a time, written straight from method.md §5.2 (noise at grid[t_enc], steps grid[t_enc-1..0])."""
+def reference_img2img(c, inp, steps, strength, guidance, mix_text, generator_for, z0=None):
+    """One image at a time, written straight from method.md §5.2 (noise at grid[t_enc], steps grid[t_enc-1..0]).
+
+    ``z0`` (N,4,h,w): start from these latents instead of encoding the init images ("w/o VDVAE")."""
     ac = bd_alphas_cumprod()
     grid = np.arange(0, 1000, 1000 // steps) + 1
     t_enc = int(strength * steps)
@@ -60,9 +62,12 @@ def reference_img2img(c, inp, steps, strength, guidance, mix_text, generator_for
     outs = []
     for i in range(inp["init_images"].shape[0]):
         g = generator_for(i)
-        x = torch.from_numpy(inp["init_images"][i]).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
-        dist = c.vae.encode(x).latent_dist
-        z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * 0.18215
+        if z0 is not None:
+            z = torch.as_tensor(z0[i:i + 1]).float()
+        else:
+            x = torch.from_numpy(inp["init_images"][i]).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
+            dist = c.vae.encode(x).latent_dist
+            z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * 0.18215
         a = ac[grid[t_enc]]
         z = math.sqrt(a) * z + math.sqrt(1 - a) * torch.randn(z.shape, generator=g)
         cond = torch.cat([inp["text_cond"][i], inp["vision_cond"][i]])[None]
@@ -163,6 +168,21 @@ def test_img2img_matches_hand_written_reference_loop(comps, inputs):
     assert got.shape == (N, 64, 64, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.abs(got[0] - got[1]).max() > 0.05  # images differ: conditioning is per image
+
+
+def test_init_latents_start_the_loop_without_the_encoder(comps, inputs):
+    """The "w/o VDVAE" path: given latents are noised and denoised exactly like encoded ones."""
+    z0 = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    no_images = {k: v for k, v in inputs.items() if k != "init_images"}
+    got = vd.img2img(comps, None, **no_images, num_inference_steps=STEPS, progress=False, generators=gens(),
+                     init_latents=z0, output_type="float", batch_size=2)
+    g = gens()
+    want = reference_img2img(comps, inputs, STEPS, 0.75, 7.5, 0.4, lambda i: g[i], z0=z0)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    with pytest.raises(UserError, match="not both"):
+        vd.img2img(comps, inputs["init_images"], **no_images, generators=gens(), init_latents=z0)
+    with pytest.raises(UserError, match="channels"):
+        vd.img2img(comps, None, **no_images, generators=gens(), init_latents=z0[:, :3])
 
 
 def test_uint8_is_truncation_of_float(comps, inputs):
