@@ -3,7 +3,7 @@
 #   1. Versatile Diffusion img2img at real size (random weights, 512 px, fp16 UNet): images/s batched vs
 #      batch 1 and vs the reference per-image loop, and the max image difference between batch sizes
 #      (benchmarks/versatile_bench.py --real-size);
-#   2. ridge at the real NSD subject-1 shape on the GPU, float64 decomposition, against three measured
+#   2. ridge at the real NSD subject-1 shape on the GPU, float64 decomposition, against four measured
 #      scikit-learn fits on the machine's CPUs and the extrapolated reference
 #      (benchmarks/ridge_bench.py --shape nsd --device cuda; writes 12.3 GB to $TMP_DIR, deletes it);
 #   3. the real-size rehearsal of every model in fp16 on the GPU (python -m models.rehearse).
