@@ -14,6 +14,8 @@
 #   benchmarks/gpu_check.sh --dry-run      # check the environment, print the commands, run nothing
 #   benchmarks/gpu_check.sh --smoke        # tiny sizes on the CPU: checks the plumbing without a GPU
 #   benchmarks/gpu_check.sh --only ridge,versatile
+#   benchmarks/gpu_check.sh --wheels .whl  # first install the wheels in .whl/ (packages a bare GPU image lacks,
+#                                          # e.g. diffusers, open_clip_torch, ftfy, wcwidth) into /tmp/gpu_check_site
 #
 # Environment: PY (python; default .venv/bin/python when present, else python3), OUT or GPU_CHECK_OUT
 # (folder for the logs and summary.txt; default gpu_check_output/), TMP_DIR (ridge data; default /tmp),
@@ -30,7 +32,8 @@ while [ $# -gt 0 ]; do
         --smoke) MODE=smoke ;;
         --only) shift; ONLY="${1:-}" ;;
         --only=*) ONLY="${1#--only=}" ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --wheels) shift; WHEELS="${1:-}" ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -43,6 +46,12 @@ done
 
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ -n "${WHEELS:-}" ]; then
+    ls "$WHEELS"/*.whl > /dev/null 2>&1 || { echo "gpu_check.sh: --wheels: no .whl files in '$WHEELS'" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/gpu_check_site "$WHEELS"/*.whl || { echo "gpu_check.sh: installing the wheels failed" >&2; exit 2; }
+    export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 OUT_DIR="${GPU_CHECK_OUT:-${OUT:-gpu_check_output}}"
 TMP_DIR="${TMP_DIR:-/tmp}"

@@ -51,7 +51,8 @@ def test_ridge_bench_nsd_tiny_runs_both_sides_and_cleans_up(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--bogus"], "unknown argument"),
-                                           (["--only", "ridge,gpu"], "unknown part 'gpu'")])
+                                           (["--only", "ridge,gpu"], "unknown part 'gpu'"),
+                                           (["--wheels", "/nonexistent"], "no .whl files")])
 def test_gpu_check_rejects_bad_arguments(args, message, tmp_path):
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, GPU_CHECK_OUT=str(tmp_path)))
