@@ -20,7 +20,7 @@
 # Environment: PY (python; default .venv/bin/python when present, else python3), OUT or GPU_CHECK_OUT
 # (folder for the logs and summary.txt; default gpu_check_output/), TMP_DIR (ridge data; default /tmp),
 # BUDGET (total seconds, default 480), T_VERSATILE / T_RIDGE / T_REHEARSE (per-part limits, default
-# 100 / 180 / 200 seconds).
+# 100 / 200 / 180 seconds).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 
@@ -162,8 +162,8 @@ run_part() {  # name, default limit, command...
 }
 
 run_part versatile "${T_VERSATILE:-100}" "${VERSATILE[@]}"
-run_part ridge "${T_RIDGE:-180}" "${RIDGE[@]}"
-run_part rehearse "${T_REHEARSE:-200}" "${REHEARSE[@]}"
+run_part ridge "${T_RIDGE:-200}" "${RIDGE[@]}"
+run_part rehearse "${T_REHEARSE:-180}" "${REHEARSE[@]}"
 
 # ------------------------------------------------------------------ summary
 say ""
