@@ -149,8 +149,9 @@ class MultiTargetRidge:
         to ~1e-12; float32 on a GPU is faster but loses digits).  float32 targets are streamed in
         float32 against the operator either way.
     max_memory_gb : budget for the per-chunk working memory of the pass over target columns
-        (target chunk copies, device buffers, outputs of one chunk).  The decomposition itself
-        (x̄, λ, B and Xc or V: about (n + p)·min(n, p) numbers) and the returned predictions are extra.
+        (target chunk copies, device buffers, outputs of one chunk; at most ``MAX_CHUNK_COLUMNS``
+        columns).  The decomposition itself (x̄ and Xc with G and one Cholesky factor at a time, or
+        λ, B and Xc or V: about (n + p)·min(n, p) numbers) and the returned predictions are extra.
     rescale : apply Brain-Diffuser's transductive post-hoc rescaling (:func:`rescale_predictions`)
         in :meth:`predict`.  The statistics of the training targets are computed in the same
         chunked pass that predicts, so each target column is read once.
