@@ -293,6 +293,9 @@ def nsd_child(a):
     t_load = time.perf_counter() - t
     anon_base = anon_now_bytes()
     notes, seconds = [], {}
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
     if a.only == "ours":
         model = MultiTargetRidge(ALPHAS, device=a.device, dtype=getattr(torch, a.dtype),
                                  max_memory_gb=a.max_memory_gb, rescale=True, progress=False, solver=a.solver)
@@ -362,7 +365,9 @@ def nsd_child(a):
                      f"{(2 * n * d + d * p) * 8 / 2**30:.1f} GiB (targets copy + dual coefficients {n}×{d}, "
                      f"coef_ {d}×{p} = {d * p * 8 / 2**30:.1f} GiB); the anonymous peak below is that of the "
                      f"measured fits")
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     (out / f"{a.only}.json").write_text(json.dumps({
+        "cpu": ru.ru_utime + ru.ru_stime - cpu0,
         "seconds": seconds, "notes": notes, "load_seconds": t_load, "anon_base": anon_base,
         "anon_peak": mem.peak, "samples": mem.samples, "vmhwm": peak_rss_bytes(),
         "load_before": load0, "load_after": os.getloadavg()[0], "threads": torch.get_num_threads()}))
@@ -421,12 +426,13 @@ def nsd_main(a, argv):
             what = f"token {token}" if token is not None else f"columns 0:{ref.shape[1]}"
             print(f"  {name} {what}: max|ours - sklearn| / max|sklearn| = {rel:.2e}")
     print("memory of each child (RssAnon sampled every 20 ms; VmHWM includes memmapped file pages):")
-    print(f"  {'':>18} {'anon after load MB':>19} {'peak anon MB':>13} {'VmHWM MB':>9} {'samples':>8}")
+    print(f"  {'':>18} {'anon after load MB':>19} {'peak anon MB':>13} {'VmHWM MB':>9} {'samples':>8} "
+          f"{'CPU s (method)':>15}")
     for w, label in (("ours", "MultiTargetRidge"), ("reference", f"sklearn ({len(NSD_REF_FITS)} fits)")):
         if w in res:
             m = res[w]
             print(f"  {label:>18} {m['anon_base'] / MB:>19.0f} {m['anon_peak'] / MB:>13.0f} "
-                  f"{m['vmhwm'] / MB:>9.0f} {m['samples']:>8}")
+                  f"{m['vmhwm'] / MB:>9.0f} {m['samples']:>8} {m['cpu']:>15.0f}")
     loads = ", ".join(f"{w} {res[w]['load_before']:.2f} -> {res[w]['load_after']:.2f}" for w in res)
     print(f"load average (1 min) at start -> end of each child: {loads}  "
           f"(> {os.cpu_count()} means other processes competed for the CPUs)")

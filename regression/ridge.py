@@ -42,6 +42,7 @@ import logging
 import math
 import numbers
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -62,6 +63,7 @@ CHOLESKY_MAX_ALPHAS = 8
 # Target columns per chunk of the pass over the targets, at most: wider chunks do not make the
 # (n_test × n) @ (n × c) product faster, they only hold more memory (the budget is an upper bound).
 MAX_CHUNK_COLUMNS = 8192
+_READ_THREADS = 4  # threads reading the next target chunk (row blocks) while this one is used
 
 log = logging.getLogger("recon")
 
@@ -467,26 +469,54 @@ class MultiTargetRidge:
     def _iter_centred(self, name: str, per_col: float, what: str, dtype: torch.dtype | None = None
                       ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (columns, Yc (n, c), ȳ (c,), std ddof=0 (c,)) on the device, one chunk at a time,
-        in ``dtype`` (default: the solver's)."""
+        in ``dtype`` (default: the solver's).
+
+        The next chunk is read by background threads while the caller works on this one (row blocks
+        in parallel: a memory-mapped target file that is not in the page cache is read with several
+        requests in flight), so at most two host chunks are alive.
+        """
         Y = self.targets_[name]
         T = Y.shape[1]
         c = self._chunk_size(per_col, T)
-        starts = range(0, T, c)
-        for s in tqdm(starts, desc=f"ridge {what} {name}", unit="chunk", leave=False,
-                      disable=not self.progress or len(starts) == 1):
-            sl = slice(s, min(s + c, T))
-            # torch.tensor always copies: centring in place must never touch the caller's array
-            Yc = torch.tensor(np.asarray(Y[:, sl]), device=self.device_, dtype=dtype or self.dtype_)
-            y_mean = Yc.mean(dim=0)  # NaN/inf propagate into the column mean: a check without a mask
-            bad = ~torch.isfinite(y_mean)
-            if bad.any():
-                col = sl.start + int(torch.nonzero(bad)[0])
-                raise UserError(f"target '{name}': NaN or inf in column {col} of the flattened target "
-                                f"(trailing shape {self.target_shapes_[name]})")
-            Yc -= y_mean
-            y_std = torch.linalg.vector_norm(Yc, dim=0) / math.sqrt(Yc.shape[0])  # ddof=0, no temp
-            yield sl, Yc, y_mean, y_std
-            del Yc  # callers drop theirs too, so only one chunk is ever alive
+        slices = [slice(s, min(s + c, T)) for s in range(0, T, c)]
+        n = Y.shape[0]
+        rows = [slice(r, min(r + -(-n // _READ_THREADS), n)) for r in range(0, n, -(-n // _READ_THREADS))]
+
+        def read(sl: slice, pool: ThreadPoolExecutor) -> tuple[np.ndarray, list]:
+            # a fresh array: centring in place must never touch the caller's array
+            host = np.empty((n, sl.stop - sl.start), dtype=Y.dtype)
+
+            def part(r: slice) -> None:
+                host[r] = Y[r, sl]
+
+            def whole() -> None:  # array-likes such as icnn.RowSubset support [:, columns] only
+                host[:] = Y[:, sl]
+
+            if isinstance(Y, np.ndarray):
+                return host, [pool.submit(part, r) for r in rows]
+            return host, [pool.submit(whole)]
+
+        with ThreadPoolExecutor(max_workers=_READ_THREADS, thread_name_prefix="ridge-read") as pool:
+            pending = read(slices[0], pool)
+            for k in tqdm(range(len(slices)), desc=f"ridge {what} {name}", unit="chunk", leave=False,
+                          disable=not self.progress or len(slices) == 1):
+                sl = slices[k]
+                host, parts = pending
+                for f in parts:
+                    f.result()
+                pending = read(slices[k + 1], pool) if k + 1 < len(slices) else None
+                Yc = torch.from_numpy(host).to(device=self.device_, dtype=dtype or self.dtype_)
+                del host
+                y_mean = Yc.mean(dim=0)  # NaN/inf propagate into the column mean: a check without a mask
+                bad = ~torch.isfinite(y_mean)
+                if bad.any():
+                    col = sl.start + int(torch.nonzero(bad)[0])
+                    raise UserError(f"target '{name}': NaN or inf in column {col} of the flattened target "
+                                    f"(trailing shape {self.target_shapes_[name]})")
+                Yc -= y_mean
+                y_std = torch.linalg.vector_norm(Yc, dim=0) / math.sqrt(Yc.shape[0])  # ddof=0, no temp
+                yield sl, Yc, y_mean, y_std
+                del Yc  # callers drop theirs too, so only one device chunk is ever alive
 
     def _iter_coef(self, name: str) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Yield (rows, W chunk (c, p), intercept chunk (c,)): the primal weights, chunk by chunk.
