@@ -13,6 +13,15 @@ UNet's cross-attention width D; init images are random uint8.
     python benchmarks/versatile_bench.py                           # tiny random VD on CPU, 64 px
     python benchmarks/versatile_bench.py --images 16 --batch-size 8
     python benchmarks/versatile_bench.py --weights weights/versatile-diffusion --device cuda   # fp16 UNet, 512 px
+    python benchmarks/versatile_bench.py --real-size --device cuda --repeats 2   # published sizes, random weights
+
+``--real-size`` builds Versatile Diffusion at its published architecture with random weights (no
+download): the SD-1.x image UNet (320/640/1280/1280 channels, 2 layers per block, cross-attention
+width 768, 8 heads) with the text flow's transformers moved into dual blocks (the text UNet is
+built with the same block layout, 768 in/out channels, and only its transformers are kept), and
+the kl-f8 AutoencoderKL (128/256/512/512, 2 layers per block).  Random weights give noise images,
+but the same arithmetic per step as the real model, so images/s and the batch-size agreement
+are real figures.  The last line also compares the batched run with img2img(batch_size=1).
 """
 from __future__ import annotations
 
@@ -65,6 +74,37 @@ def per_image_loop(c: vd.VersatileComponents, init_images: np.ndarray, vc, tc, v
     return np.stack(out)
 
 
+def real_size_versatile(seed: int, device: torch.device) -> vd.VersatileComponents:
+    """Versatile Diffusion at its published sizes with random weights, built directly on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion import UNetFlatConditionModel
+
+    vd.apply_dual_transformer_patch()
+    blocks = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                  attention_head_dim=8, norm_num_groups=32)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                            sample_size=512, scaling_factor=vd.VD_SCALING_FACTOR)
+        image_unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **blocks)
+        text_unet = UNetFlatConditionModel(
+            in_channels=768, out_channels=768,
+            down_block_types=("CrossAttnDownBlockFlat",) * 3 + ("DownBlockFlat",),
+            up_block_types=("UpBlockFlat",) + ("CrossAttnUpBlockFlat",) * 3, **blocks)
+    n_text = sum(p.numel() for p in text_unet.parameters())
+    vd.convert_to_dual_attention(image_unet, text_unet)
+    del text_unet  # only its transformers are used for images (now inside the dual blocks)
+    n_unet = sum(p.numel() for p in image_unet.parameters())
+    print(f"real-size random VD: dual image UNet {n_unet / 1e6:.0f} M parameters (text UNet built with "
+          f"{n_text / 1e6:.0f} M), VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M")
+    return vd.VersatileComponents(vae=vae.eval(), image_unet=image_unet.eval(), scheduler=vd.vd_scheduler())
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,6 +113,8 @@ def sync(device: torch.device) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", help="diffusers-format VD folder (load_versatile); default: tiny random VD")
+    ap.add_argument("--real-size", action="store_true",
+                    help="random weights at the published architecture sizes (no download; see above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp32", action="store_true", help="keep the UNet in float32 on CUDA (default fp16 there)")
     ap.add_argument("--images", type=int, default=8)
@@ -92,9 +134,16 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.float16 if device.type == "cuda" and not a.fp32 else torch.float32
+    if a.weights and a.real_size:
+        ap.error("--weights and --real-size exclude each other")
     if a.weights:
         comps = vd.load_versatile(a.weights, device=device, dtype=dtype)
         what = f"Versatile Diffusion from {a.weights}"
+    elif a.real_size:
+        t0 = time.perf_counter()
+        comps = real_size_versatile(a.seed, device)
+        comps.image_unet.to(dtype)
+        what = f"real-size random Versatile Diffusion (built in {time.perf_counter() - t0:.1f}s)"
     else:
         comps = vd.tiny_versatile(a.seed)
         comps.vae.to(device)
@@ -102,7 +151,7 @@ def main(argv=None):
         if dtype != torch.float32:
             comps.image_unet.to(dtype)
         what = "tiny random Versatile Diffusion (tiny_versatile)"
-    size = a.size or (512 if a.weights else 64)
+    size = a.size or (512 if a.weights or a.real_size else 64)
     D = comps.image_unet.config.cross_attention_dim
     n = a.images
     t_enc = int(a.strength * a.steps)
@@ -157,6 +206,13 @@ def main(argv=None):
         diff = float(np.abs(outs[name].astype(np.float64) - ref_out).max())
         secs = f"{best[name]:.2f} ({np.median(times[name]):.2f})"
         print(f"  {name:<28} {secs:>16} {n / best[name]:>9.3f} {best[loop] / best[name]:>7.2f}x {diff:>15.2e}")
+    if not a.skip_batch1:
+        b1 = "img2img batch_size=1"
+        nan = int(sum(np.isnan(o).sum() for o in outs.values()))
+        print(f"BATCH SIZES: img2img batch_size={a.batch_size} {n / best[batched]:.3f} img/s vs batch_size=1 "
+              f"{n / best[b1]:.3f} img/s = {best[b1] / best[batched]:.2f}x; max abs image difference between the "
+              f"two batch sizes {float(np.abs(outs[batched].astype(np.float64) - outs[b1]).max()):.2e} "
+              f"(float outputs in [0, 1]; {nan} NaN values)")
     print(f"SPEEDUP {best[loop] / best[batched]:.2f}x images/s (img2img batch_size={a.batch_size} "
           f"{n / best[batched]:.3f} img/s vs per-image loop {n / best[loop]:.3f} img/s on {device}); "
           f"max abs diff of float outputs {float(np.abs(outs[batched].astype(np.float64) - ref_out).max()):.2e}")

@@ -9,6 +9,7 @@ from regression.ridge import MultiTargetRidge, normalise_fmri
 
 ALPHAS = {"vdvae": 40.0, "cliptext": 150.0, "clipvision": 90.0}
 REGIMES = {"dual": (50, 120), "primal": (140, 30)}  # (n_train, n_voxels)
+SOLVERS = ["cholesky", "eigh"]
 N_TEST = 17
 
 
@@ -82,13 +83,14 @@ def test_normalise_fmri_rejects_bad_input():
 
 # ---------------------------------------------------------------- equality with scikit-learn
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("rescale", [False, True])
-def test_predictions_equal_sklearn_per_group(regime, rescale):
+def test_predictions_equal_sklearn_per_group(regime, rescale, solver):
     n, p = REGIMES[regime]
     X, Xt, targets = _data(n, p)
-    model = MultiTargetRidge(ALPHAS, rescale=rescale, progress=False).fit(X, targets)
-    assert model.solver_ == regime
+    model = MultiTargetRidge(ALPHAS, rescale=rescale, progress=False, solver=solver).fit(X, targets)
+    assert model.solver_ == regime and model.decomposition_ == solver
     pred = model.predict(Xt)
     for name, Y in targets.items():
         ref = _sk_predict(X, Y, Xt, ALPHAS[name])
@@ -133,11 +135,12 @@ def test_float32_compute_is_close():
 
 # ---------------------------------------------------------------- chunking, memmaps, no mutation
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_tiny_memory_budget_gives_same_results(regime):
+def test_tiny_memory_budget_gives_same_results(regime, solver):
     X, Xt, targets = _data(*REGIMES[regime])
-    one = MultiTargetRidge(ALPHAS, progress=False).fit(X, targets)
-    tiny = MultiTargetRidge(ALPHAS, max_memory_gb=2e-6, progress=False).fit(X, targets)
+    one = MultiTargetRidge(ALPHAS, progress=False, solver=solver).fit(X, targets)
+    tiny = MultiTargetRidge(ALPHAS, max_memory_gb=2e-6, progress=False, solver=solver).fit(X, targets)
     assert tiny._chunk_size(X.shape[0] * 12, 40) < 10 and one._chunk_size(X.shape[0] * 12, 40) == 40
     a, b = one.predict(Xt), tiny.predict(Xt)
     for name in targets:
@@ -201,10 +204,12 @@ def test_loo_cv_alpha_matches_sklearn_ridgecv(regime):
     assert 0 < np.argmin(model.cv_scores_["vdvae"]) < len(grid) - 1  # an interior optimum: non-trivial
 
 
-def test_coef_and_safetensors_weights_match_sklearn(tmp_path):
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_coef_and_safetensors_weights_match_sklearn(tmp_path, regime, solver):
     from safetensors.numpy import load_file
-    X, Xt, targets = _data(*REGIMES["dual"])
-    model = MultiTargetRidge(ALPHAS, max_memory_gb=2e-6, progress=False).fit(X, targets)
+    X, Xt, targets = _data(*REGIMES[regime])
+    model = MultiTargetRidge(ALPHAS, max_memory_gb=2e-6, progress=False, solver=solver).fit(X, targets)
     Y = targets["clipvision"]
     sk = Ridge(alpha=ALPHAS["clipvision"]).fit(X, Y.reshape(len(X), -1).astype(np.float64))
     w, b = model.coef("clipvision")
@@ -217,6 +222,45 @@ def test_coef_and_safetensors_weights_match_sklearn(tmp_path):
     np.testing.assert_array_equal(loaded["clipvision.weight"], w)
     np.testing.assert_array_equal(loaded["clipvision.bias"], b)
     assert loaded["cliptext.weight"].shape == (5, 6, X.shape[1])
+
+
+def test_auto_solver_cholesky_for_fixed_alphas_eigh_for_cv_and_many(caplog):
+    import logging
+
+    from regression.ridge import CHOLESKY_MAX_ALPHAS
+    X, Xt, targets = _data(*REGIMES["dual"])
+    with caplog.at_level(logging.INFO, logger="recon"):
+        fixed = MultiTargetRidge(ALPHAS, progress=False).fit(X, targets)
+    assert fixed.decomposition_ == "cholesky" and not hasattr(fixed, "eigvals_")
+    assert "cholesky of the dual Gram matrix (50 x 50" in caplog.text and "3 fixed alphas" in caplog.text
+    cv = MultiTargetRidge(None, cv_alphas=[1.0, 10.0], progress=False).fit(X, targets)
+    assert cv.decomposition_ == "eigh" and not hasattr(cv, "gram_")
+    # more distinct alphas than CHOLESKY_MAX_ALPHAS: one eigh serves them all, same predictions
+    k = CHOLESKY_MAX_ALPHAS + 1
+    Y = targets["vdvae"]
+    many = {f"g{i}": Y[:, 4 * i:4 * i + 4] for i in range(k)}
+    alphas = {f"g{i}": 10.0 * (i + 1) for i in range(k)}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recon"):
+        m = MultiTargetRidge(alphas, rescale=False, progress=False).fit(X, many)
+    assert m.decomposition_ == "eigh" and f"{k} distinct alphas" in caplog.text
+    pred = m.predict(Xt)
+    for name, y in many.items():
+        assert _rel(pred[name], _sk_predict(X, y, Xt, alphas[name])) < 1e-4
+    # a refit with fixed alphas switches back and leaves no eigh state behind
+    m.alphas = {"g0": 10.0}
+    m.fit(X, {"g0": many["g0"]})
+    assert m.decomposition_ == "cholesky" and not hasattr(m, "eigvals_")
+
+
+def test_cholesky_leaves_gram_matrix_unchanged():
+    X, Xt, targets = _data(*REGIMES["dual"])
+    model = MultiTargetRidge(ALPHAS, progress=False).fit(X, targets)
+    G0 = model.gram_.clone()
+    model.predict(Xt)
+    model.coef("vdvae")
+    assert torch.equal(model.gram_, G0)  # α is added to the diagonal in place and restored exactly
+    np.testing.assert_allclose(G0.numpy(), (X - X.mean(0)) @ (X - X.mean(0)).T, rtol=1e-12, atol=1e-9)
 
 
 # ---------------------------------------------------------------- errors
@@ -242,13 +286,18 @@ def test_bad_inputs_raise_user_error():
         MultiTargetRidge(1.0, progress=False).fit(X, {"v": Yn}).predict(Xt)
     with pytest.raises(RuntimeError, match="not fitted"):
         MultiTargetRidge(1.0).predict(Xt)
+    with pytest.raises(UserError, match="solver"):
+        MultiTargetRidge(1.0, solver="svd").fit(X, targets)
+    with pytest.raises(UserError, match="cv_alphas needs solver"):
+        MultiTargetRidge(None, cv_alphas=[1.0], solver="cholesky").fit(X, targets)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_equals_cpu():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cuda_equals_cpu(solver):
     X, Xt, targets = _data(*REGIMES["dual"])
-    cpu = MultiTargetRidge(ALPHAS, progress=False).fit(X, targets).predict(Xt)
-    gpu = MultiTargetRidge(ALPHAS, device="cuda", progress=False).fit(X, targets).predict(Xt)
+    cpu = MultiTargetRidge(ALPHAS, progress=False, solver=solver).fit(X, targets).predict(Xt)
+    gpu = MultiTargetRidge(ALPHAS, device="cuda", progress=False, solver=solver).fit(X, targets).predict(Xt)
     for name in targets:
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-5, atol=1e-5)
