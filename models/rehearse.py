@@ -1,6 +1,6 @@
 """Real-size rehearsal: every model at its published size, random weights, no download.
 
-    python -m models.rehearse                          # CPU, fp32, all models, then one image end to end
+    python -m models.rehearse                          # CPU, fp32, all models, then 512 px images end to end
     python -m models.rehearse --device cuda --dtype fp16
     python -m models.rehearse --only vdvae clip --no-pipeline
     make rehearse                                      # the same, under flock /tmp/recon-heavy.lock
@@ -9,11 +9,12 @@ Each model is built from the configuration its real checkpoint has (VDVAE ImageN
 ViT-L/14 text + vision; Versatile Diffusion image UNet, text UNet and AutoencoderKL; the five
 evaluation networks; the iCNN's VGG19 and relu7 generator), with seeded random weights, written
 to the exact files and folders ``make weights`` produces under a temporary ``weights_dir``, freed,
-and loaded back with the pipeline's own loaders (``models.weights --check``). Then one 512 px
-image goes through features → ridge → vdvae_init → versatile (2 denoising steps) → evaluate with
-those weights. It catches configuration and layout mistakes that the tiny test models cannot,
-before 100+ GB are downloaded. Models are built, saved and freed one at a time (peak ≈ 11 GB on
-CPU, while the Versatile Diffusion UNets load); the temporary folder (~16 GB) is deleted at the end.
+and loaded back with the pipeline's own loaders (``models.weights --check``). Then two 512 px
+synthetic test images (two: the identification metrics need a distractor) go through features →
+ridge → vdvae_init → versatile (2 denoising steps) → evaluate with those weights. It catches
+configuration and layout mistakes that the tiny test models cannot, before 100+ GB are
+downloaded. Models are built, saved and freed one at a time (peak ≈ 11 GB on CPU, while the
+Versatile Diffusion UNets load); the temporary folder (~16 GB) is deleted at the end.
 
 Printed per model: parameters next to the published figure, build+save time, load time, peak
 memory; then seconds and peak memory per pipeline stage.
@@ -308,14 +309,15 @@ def load_back(weights_dir: Path, groups, device: str, peak: Peak, log=print) -> 
 
 
 def run_pipeline_once(root: Path, device: str, dtype: str, peak: Peak, log=print) -> list[tuple[str, float, str]]:
-    """One 512 px synthetic test image (8 training images, 64 voxels) through the real-size models."""
+    """Two 512 px synthetic test images (8 training images, 64 voxels) through the real-size models
+    (two, because the identification metrics need a distractor; Versatile runs them one at a time)."""
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline, select_steps
 
     overrides = [
         "run.dataset=synthetic", "run.subjects=1", f"run.device={device}", "run.tiny_models=false",
         f"paths.data_dir={root / 'data'}", f"paths.results_dir={root / 'results'}", f"paths.weights_dir={root / 'weights'}",
-        "synthetic.n_train=8", "synthetic.n_test=1", "synthetic.n_voxels=64", "synthetic.image_size=512",
+        "synthetic.n_train=8", "synthetic.n_test=2", "synthetic.n_voxels=64", "synthetic.image_size=512",
         "features.vdvae_batch_size=4", "features.clip_batch_size=4",
         "versatile.num_inference_steps=3",  # strength 0.75 → int(3 · 0.75) = 2 denoising steps
         "versatile.batch_size=1", f"versatile.fp16={'true' if dtype == 'fp16' else 'false'}",
