@@ -12,6 +12,7 @@ reason elsewhere. ``RECON_NO_SLURM=1`` skips it on purpose. No daemon outlives t
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -73,17 +74,28 @@ def _grid(tmp_path: Path) -> Path:
     return path
 
 
-def _main(cluster: Cluster, *args: str, timeout: float = 120) -> str:
-    env = dict(cluster.env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(ROOT / "re_recon_main.py"), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"re_recon_main.py {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
+@pytest.fixture
+def main(slurm, monkeypatch, capsys):
+    """re_recon_main.py in this process (as a user's shell would run it, minus the start-up time):
+    SLURM_CONF points sbatch/squeue at the private cluster; submitted jobs inherit the environment."""
+    import re_recon_main
+
+    for k, v in {"SLURM_CONF": str(slurm.conf), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                 "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        rc = re_recon_main.main(list(args))
+        captured = capsys.readouterr()
+        assert rc == 0, f"re_recon_main.py {' '.join(args)} failed:\n{captured.out}\n{captured.err}"
+        return captured.out
+    return run
 
 
-def _status(cluster: Cluster, grid: Path) -> dict[str, tuple[str, str, str]]:
+def _status(main, grid: Path) -> dict[str, tuple[str, str, str]]:
     """task -> (state, log, error) from the --status table."""
-    lines = _main(cluster, str(grid), "--status").splitlines()
+    lines = main(str(grid), "--status").splitlines()
     rows = {}
     for line in lines[2:]:
         cells = re.split(r"\s{2,}", line.strip(), maxsplit=3)
@@ -111,7 +123,7 @@ def _record(res: Path, task: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def test_grid_through_real_sbatch(tmp_path, slurm):
+def test_grid_through_real_sbatch(tmp_path, slurm, main):
     t_start = time.monotonic()
     grid = _grid(tmp_path)
     res, sub = tmp_path / "res", tmp_path / "res" / "synthetic" / "sub1"
@@ -121,7 +133,7 @@ def test_grid_through_real_sbatch(tmp_path, slurm):
     slow = f"sub1__{SLOW}"
 
     # 1. submission: the base task first, the other three held by SLURM on a dependency
-    out = _main(slurm, *args)
+    out = main(*args)
     assert "4 tasks, 0 complete, 4 to run" in out
     jobs = _submitted(out)
     assert set(jobs) == {base, good, bad, slow}
@@ -131,32 +143,38 @@ def test_grid_through_real_sbatch(tmp_path, slurm):
         state, why = reasons[jobs[task][0]]
         assert state == "PENDING" and why == "Dependency", (task, queue)
 
-    # 2. the slow task reaches its versatile step; the good and the failing one finish meanwhile
+    # 2. the slow task reaches its versatile step and is cancelled there: SIGTERM (ignored by
+    #    submitit), SIGKILL 5 s later; the good and the failing task finish meanwhile
     started = sub / SLOW / "versatile.started.json"
     _wait("the slow task's versatile step", started.is_file, 150, 0.5)
+    time.sleep(2)  # into the denoising loop
+    slurm.run("scancel", jobs[slow][0])
     _wait("the good and the failing task", lambda: _record(res, good).get("state") == "done"
-          and _record(res, bad).get("state") == "failed", 90)
+          and _record(res, bad).get("state") == "failed", 120)
+    slurm.wait_idle(60)
     recs = {t: _record(res, t) for t in (base, good, bad, slow)}
     for task in (good, bad, slow):  # dependency order, from the tasks' own records
         assert recs[task]["started"] >= recs[base]["finished"], (task, recs[task], recs[base])
 
-    # 3. scancel of the running task: SIGTERM (ignored by submitit), SIGKILL 5 s later
-    slurm.run("scancel", jobs[slow][0])
-    slurm.wait_idle(60)
+    # 3. the cancelled task left nothing that looks complete
     assert not (sub / SLOW / "versatile.done.json").exists()
     assert not (sub / SLOW / "evaluate.done.json").exists()
     assert not list((sub / SLOW).glob("images/versatile/*.png")), "a cancelled step left images"
     assert not (sub / SLOW / "eval").exists()
 
     # 4. --status, read from the project's records
-    status = _status(slurm, grid)
+    status = _status(main, grid)
     assert status[base][0] == "done" and status[good][0] == "done"
     assert status[bad][0] == "failed" and status[bad][2].startswith("UserError"), status[bad]
     failed_log = Path(status[bad][1])
     assert failed_log == Path(jobs[bad][1]) and failed_log.is_file()
     assert "fixed_captions.npy" in failed_log.read_text(), "the failed task's log does not say what went wrong"
     assert status[slow][0] == "interrupted", status[slow]
-    assert "4 tasks, 2 complete, 2 to run" in _main(slurm, str(grid), "--dry-run")
+    # seen from another node the pid means nothing: then squeue's CANCELLED state tells
+    rec_path = res / "experiments" / "slurmgrid" / "tasks" / f"{slow}.json"
+    rec_path.write_text(json.dumps(dict(_record(res, slow), host="some-other-node")))
+    assert _status(main, grid)[slow][0] == "interrupted"
+    assert "4 tasks, 2 complete, 2 to run" in main(str(grid), "--dry-run")
 
     # 5. fix the failing task's input, resubmit: only the two missing tasks run
     from pipeline.common_format import read_split
@@ -167,15 +185,36 @@ def test_grid_through_real_sbatch(tmp_path, slurm):
     np.save(tmp_path / "data" / "captions" / "fixed_ids.npy", np.asarray(train.ids))
     done_before = {t: (sub / v / "evaluate.done.json").stat().st_mtime_ns
                    for t, v in ((base, "base"), (good, "random_fraction-0.5"))}
-    out = _main(slurm, *args)
+    out = main(*args)
     assert "4 tasks, 2 complete, 2 to run" in out
     again = _submitted(out)
     assert set(again) == {bad, slow}
     _wait("the resubmitted captions task", lambda: _record(res, bad).get("state") == "done", 90)
-    assert _status(slurm, grid)[bad][0] == "done"
+    assert _status(main, grid)[bad][0] == "done"
     for t, v in ((base, "base"), (good, "random_fraction-0.5")):
         assert (sub / v / "evaluate.done.json").stat().st_mtime_ns == done_before[t], f"{t} ran again"
     slurm.run("scancel", again[slow][0])
     slurm.wait_idle(60)
     elapsed = time.monotonic() - t_start
     assert elapsed < 180, f"the real-SLURM test took {elapsed:.0f} s (budget 180 s)"
+
+
+def test_a_running_record_whose_process_is_gone_reads_interrupted(tmp_path):
+    """No SLURM needed: the record says 'running' but its process has ended (SIGKILL skips the
+    task's own failure handler), so --status must not keep saying 'running'."""
+    from pipeline import experiment as ex
+    from pipeline import io
+
+    exp = ex.load_experiment(str(_grid(tmp_path)))
+    task = ex.all_tasks(exp)[0]
+    cfg = ex.task_config(exp, task)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = {"task": task.name, "state": "running", "pid": gone.pid, "host": socket.gethostname()}
+    io.save_json(ex.status_path(cfg, task), record)
+    state = ex.task_state(exp, task)
+    assert state["state"] == "interrupted" and str(gone.pid) in state["error"]
+    io.save_json(ex.status_path(cfg, task), dict(record, pid=os.getpid()))  # this process is alive
+    assert ex.task_state(exp, task)["state"] == "running"
+    io.save_json(ex.status_path(cfg, task), dict(record, host="another-node"))  # cannot tell from here
+    assert ex.task_state(exp, task)["state"] == "running"
