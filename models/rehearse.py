@@ -358,6 +358,9 @@ def print_table(built: dict, loaded: dict, stages: list, out=print) -> None:
             f"{ld.get('load_s', float('nan')):>6.1f}s  {ld.get('load_peak', '-')}")
         if fig:
             out(f"{'':<10} ({what}; total in the layout {sum(params.values()):,})")
+    out("(load: models.weights --check per model; safetensors files are memory-mapped, so part of the "
+        "reading happens on first use, in the stages below; peaks are the process's VmHWM since the "
+        "previous line, file-backed pages included)")
     if stages:
         out("")
         out(f"{'stage':<12} {'seconds':>8}  peak")
