@@ -36,6 +36,12 @@ bench: setup
 weights: setup
 	$(VPY) -m models.weights --weights-dir $${WEIGHTS_DIR:-weights}
 
+# Every model at its published size with random weights, written in the `make weights` layout
+# (a temporary ~16 GB folder), loaded back and run on one 512 px image; ~11 GB RAM, CPU by default.
+.PHONY: rehearse
+rehearse: setup
+	$(if $(shell command -v flock),flock /tmp/recon-heavy.lock) $(VPY) -m models.rehearse $(REHEARSE_ARGS)
+
 download-nsd: setup
 	$(VPY) -m prepare_data.download_nsd --dest $${NSD_DIR:-raw/nsd} --subjects 1 2 5 7 --sessions 37
 

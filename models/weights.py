@@ -114,7 +114,18 @@ def check(weights_dir: Path, only=None, device: str = "cpu") -> list[tuple[str, 
 
         return ", ".join(load_eval_networks(weights_dir, device))
 
-    for name, fn in (("vdvae", vdvae), ("clip", clip), ("versatile", versatile), ("eval", evaluation)):
+    def icnn():
+        from models.icnn import load_icnn_models
+
+        m = load_icnn_models(cfg, device)
+        n = sum(p.numel() for net in (m.encoder, m.generator) for p in net.parameters())
+        bound = "with" if m.upper_bound is not None else "without"
+        return f"VGG19 + relu7 generator, {n:,} parameters loaded strictly, {bound} the code bound"
+
+    for name, fn in (("vdvae", vdvae), ("clip", clip), ("versatile", versatile), ("eval", evaluation),
+                     ("icnn", icnn)):
+        if name == "icnn" and not only and not cfg.resolve_path(cfg.icnn.vgg19, "weights_dir").exists():
+            continue  # the iCNN baseline is optional: checked when named or when its weights are there
         attempt(name, fn)
     return out
 

@@ -31,6 +31,10 @@ import inspect
 import itertools
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,7 +358,8 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
     cfg = task_config(exp, task, extra_configs, extra_overrides)
     device = resolve_device(device or cfg.run.device)
     state = status_path(cfg, task)
-    record = {"task": task.name, "state": "running", "pid": os.getpid()}
+    record = {"task": task.name, "state": "running", "pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.time()}
     io.save_json(state, record)
     try:
         base = Layout(cfg, task.subject, "base")
@@ -366,10 +371,10 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
         for name in exp.steps:
             run_step(step_spec(name), Context(cfg, layout, device, progress=progress))
     except BaseException as exc:
-        record.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+        record.update(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         io.save_json(state, record)
         raise
-    record.update(state="done")
+    record.update(state="done", finished=time.time())
     io.save_json(state, record)
     return task.name
 
@@ -413,5 +418,39 @@ def task_state(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()
         record["state"] = "done"
     elif record.get("state") == "done":
         record["state"] = "incomplete"
+    elif record.get("state") == "running" and _ended(record):
+        # killed without a chance to say so (scancel, time limit, OOM): SIGKILL skips the handler above
+        record.update(state="interrupted", error=f"process {record.get('pid')} on {record.get('host')} "
+                                                 "ended before the task finished (cancelled or killed)")
     return record
+
+
+_SLURM_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED")
+
+
+def _ended(record: dict) -> bool:
+    """Has the process of a 'running' task record ended? Known only on its own host (pid check) or
+    through SLURM (``squeue`` no longer lists its job); otherwise assume it still runs."""
+    if record.get("host") == socket.gethostname() and record.get("pid"):
+        try:
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError, ValueError):
+            return False
+        try:  # a zombie (not yet reaped by its parent) has ended too
+            return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(") ", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
+    job = str(record.get("job_id", ""))
+    if job.split("_")[0].isdigit() and shutil.which("squeue"):
+        try:
+            r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if "Invalid job id" in r.stderr:  # SLURM has forgotten the job: it ended long ago
+            return True
+        states = r.stdout.split()
+        return r.returncode == 0 and all(st in _SLURM_FINAL for st in states)  # [] = no longer listed
+    return False
 
