@@ -140,7 +140,7 @@ def test_failed_task_outcome_comes_from_the_task_record(tmp_path, capsys):
         p.unlink()
     assert re_recon_main.main([str(path), "--status"]) == 0
     status = capsys.readouterr().out
-    assert "sub1__base" in status and " failed " in status and "NotADirectoryError" in status
+    assert "sub1__base" in status and " failed " in status and "UserError: " in status  # data dir under a file
     assert re_recon_main.main([str(path), "--dry-run"]) == 0
     assert "1 tasks, 0 complete, 1 to run" in capsys.readouterr().out
 
