@@ -38,7 +38,7 @@ each side then runs in its own child process, reading the same files:
   ``max_memory_gb`` 8, ``solver="auto"``), all 347,680 targets;
 * reference: Brain-Diffuser's scikit-learn fits cannot run at that size here (the VDVAE fit alone
   holds 11.5 GB of float64 weights, 24 GB with its dual coefficients and the float64 target
-  copy), so three of them are timed — CLIP-text token 0 and CLIP-vision token 0 (768 targets
+  copy), so four fits are timed — CLIP-text token 0 and CLIP-vision token 0 (768 targets
   each, as the reference's per-token loop fits them) and VDVAE columns 0:1 and 0:8192 — and the
   335 fits (1 VDVAE of 91,168 columns + 77 + 257 tokens of 768) are extrapolated with the cost
   model t(T) = a + b·T (a fixed cost per fit: centring X, the n × n kernel and its solve; b per
