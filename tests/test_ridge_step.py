@@ -67,8 +67,8 @@ def test_saved_weights_reproduce_the_step_predictions(features_done, rescale):
 
 
 def test_bad_weights_dtype_is_a_user_error_before_the_fit(features_done):
-    cfg = _cfg(features_done, "ridge.save_weights=true", "ridge.weights_dtype=int8")
     from regression import ridge_step
 
+    # config validation catches it when the config loads, before any step (the step checks too)
     with pytest.raises(UserError, match="ridge.weights_dtype"):
-        ridge_step.run(_ctx(cfg))
+        ridge_step.run(_ctx(_cfg(features_done, "ridge.save_weights=true", "ridge.weights_dtype=int8")))
