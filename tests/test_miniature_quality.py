@@ -87,7 +87,8 @@ def badshuffle(base, tmp_path_factory):
 
 
 def test_reconstructions_beat_chance(base, unrelated):
-    """Measured (seed 0): PixCorr xx vs unrelated xx; SSIM xx vs xx; AlexNet(2) xx; CLIP xx."""
+    """Measured (seed 0): PixCorr 0.496 vs unrelated-image 0.166; SSIM 0.638 vs 0.577; AlexNet(2) 0.856
+    and CLIP (random evaluation CLIP) 0.848, chance 0.5."""
     full = _metrics(base)
     _show("full", full), _show("vdvae", _metrics(base, "vdvae")), _show("unrelated", unrelated)
     assert full["PixCorr"] > 0.3 and full["PixCorr"] > unrelated["PixCorr"] + 0.2
@@ -100,7 +101,7 @@ def test_shuffled_fmri_falls_to_chance(base, unrelated, shuffled_rows, badshuffl
     measured PixCorr 0.065 / 0.081 (full run 0.496), AlexNet(2) 0.530 / 0.561 (chance 0.5; full 0.856)."""
     _show("shuffled rows", shuffled_rows), _show("badshuffle", badshuffle)
     for ctrl in (shuffled_rows, badshuffle):
-        assert ctrl["PixCorr"] < unrelated["PixCorr"] + 0.1
+        assert ctrl["PixCorr"] < unrelated["PixCorr"] + 0.05
         assert abs(ctrl["AlexNet(2)"] - 0.5) < 0.15
 
 
@@ -116,13 +117,24 @@ def ablations(base, tmp_path_factory):
 
 
 def test_pathway_ablations_move_metrics_as_in_table_2(ablations):
-    """Table 2 (subject 1): Only-VDVAE has the best low-level scores (PixCorr 0.358 vs full 0.305)
-    and loses high-level ones; w/o CLIP-Vision also gains PixCorr (0.327) and loses CLIP-level
-    identification. Measured here: xx."""
+    """Table 2 (subject 1) vs measured here (full: PixCorr 0.496, SSIM 0.638, AlexNet(2) 0.856, Inception
+    0.652, CLIP 0.848):
+
+    * Only-VDVAE: Table 2 PixCorr 0.358 > full 0.305; here 0.598 > 0.496. (Its identification scores also
+      rise here, 0.985 / 0.970, where Table 2's high-level ones fall: the evaluation nets are random, so
+      they score layout, which the init image keeps and the briefly trained UNet blurs; SSIM 0.462 < 0.638
+      because the VDVAE speckle costs structure.)
+    * w/o CLIP-Text: Table 2 CLIP 91.2 % < 92.5 %, AlexNet(2) 95.6 < 96.7; here CLIP 0.818, AlexNet(2) 0.841.
+    * w/o CLIP-Vision: Table 2 Inception 84.7 % < 87.8 %; here 0.629. Table 2's PixCorr *rises* (0.327);
+      here it falls (0.453): on this data the vision tokens carry the layout (their ridge pattern
+      correlation is 0.86 vs 0.15 for the VDVAE latents), so without them the UNet loses it.
+    """
     full, vd, wov, wot = (ablations[k] for k in ("full", "only-vdvae", "wo-clipvision", "wo-cliptext"))
     for k, v in ablations.items():
         _show(k, v)
-    assert vd["PixCorr"] > full["PixCorr"] - 0.05
+    assert vd["PixCorr"] > full["PixCorr"] + 0.05
+    assert wot["CLIP"] < full["CLIP"] - 0.01 and wot["AlexNet(2)"] < full["AlexNet(2)"]
+    assert wov["Inception"] < full["Inception"] - 0.01 and wov["PixCorr"] < full["PixCorr"] - 0.02
 
 
 @pytest.fixture(scope="module")
