@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-all test bench weights download-nsd clean-demo
+.PHONY: setup demo demo-all demo-models test bench weights download-nsd clean-demo
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 demo-all: demo
 	$(VPY) re_recon_main.py captions_demo
 	$(VPY) re_recon_main.py adv_pert_demo
+
+# Retrain the demo's miniature networks on CPU (seeded; ~15 min on a shared 2-core CPU) into miniature/weights/.
+demo-models: setup
+	$(VPY) -m miniature.train
 
 test: setup
 	$(VPY) -m pytest tests

@@ -103,6 +103,25 @@ class VDVAEConfig:
             n_latent_groups=6,
         )
 
+    @classmethod
+    def miniature(cls) -> "VDVAEConfig":
+        """The trained miniature of the demo (``miniature/``): same code paths as ImageNet-64 at toy size.
+
+        32 px input, five resolutions, eight latent groups; Brain-Diffuser-style decoding keeps the
+        first seven (resolutions 1 to 16, 5,384 dims) and draws the 32 px group from the prior.
+        """
+        return cls(
+            image_size=32,
+            width=32,
+            zdim=8,
+            bottleneck_multiple=0.5,
+            enc_blocks="32x1,32d2,16x1,16d2,8x1,8d2,4x1,4d4,1x1",
+            dec_blocks="1x1,4m1,4x1,8m4,8x1,16m8,16x1,32m16",
+            no_bias_above=64,
+            num_mixtures=5,
+            n_latent_groups=7,
+        )
+
     def width_at(self, res: int) -> int:
         """Channel count at resolution ``res`` (``custom_width_str`` 'res:width,...' overrides)."""
         return _custom_widths(self.custom_width_str).get(res, self.width)
@@ -664,8 +683,86 @@ def decode_latents(model: VDVAE, latents: np.ndarray, n_groups: int | None = Non
     return images
 
 
+# --------------------------------------------------------------------------------------------
+# training objective (the reference's ELBO: DMoL likelihood + analytic KL per latent group)
+# --------------------------------------------------------------------------------------------
+
+
+def dmol_log_likelihood(params: torch.Tensor, x: torch.Tensor, num_mixtures: int) -> torch.Tensor:
+    """Per-image log-likelihood (nats) of 8-bit images under the discretised mixture of logistics.
+
+    params: (N, H, W, 10K) as :class:`DmolNet` gives; x: (N, H, W, 3) targets in [-1, 1]
+    (``uint8 / 127.5 - 1``). Bins have width 2/255; the two edge bins extend to ±infinity; the
+    colour coupling is the one :func:`sample_dmol` samples from (g | r, b | r, g). Returns (N,).
+    """
+    k = num_mixtures
+    n, h, w, _ = params.shape
+    logits = params[..., :k]
+    rest = params[..., k:].reshape(n, h, w, 3, 3 * k)
+    means = rest[..., :k]
+    log_scales = rest[..., k: 2 * k].clamp(min=DMOL_MIN_LOG_SCALE)
+    coeffs = torch.tanh(rest[..., 2 * k:])
+    xk = x[..., None]  # (N, H, W, 3, 1)
+    m_r = means[..., 0, :]
+    m_g = means[..., 1, :] + coeffs[..., 0, :] * xk[..., 0, :]
+    m_b = means[..., 2, :] + coeffs[..., 1, :] * xk[..., 0, :] + coeffs[..., 2, :] * xk[..., 1, :]
+    centred = xk - torch.stack([m_r, m_g, m_b], dim=3)
+    inv_s = torch.exp(-log_scales)
+    plus_in = inv_s * (centred + 1.0 / 255.0)
+    min_in = inv_s * (centred - 1.0 / 255.0)
+    log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid: lowest bin
+    log_one_minus_cdf_min = -F.softplus(min_in)  # highest bin
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    mid_in = inv_s * centred
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)  # density at the bin centre
+    log_inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - math.log(127.5))
+    log_probs = torch.where(xk < -0.999, log_cdf_plus, torch.where(xk > 0.999, log_one_minus_cdf_min, log_inner))
+    per_mix = log_probs.sum(dim=3) + torch.log_softmax(logits, dim=-1)  # (N, H, W, K)
+    return torch.logsumexp(per_mix, dim=-1).sum(dim=(1, 2))
+
+
+def gaussian_kl(mu_q: torch.Tensor, logstd_q: torch.Tensor, mu_p: torch.Tensor, logstd_p: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(q || p) of diagonal Gaussians given means and log-stds."""
+    return (-0.5 + logstd_p - logstd_q
+            + 0.5 * (torch.exp(2 * logstd_q) + (mu_q - mu_p) ** 2) / torch.exp(2 * logstd_p))
+
+
+def elbo(model: VDVAE, x_in: torch.Tensor, x_target: torch.Tensor, generator: torch.Generator | None = None
+         ) -> dict[str, torch.Tensor]:
+    """Negative ELBO of a batch, in nats per dimension (the reference's training loss).
+
+    x_in: (N, 64, 64, 3) normalised encoder input (:func:`preprocess`); x_target: the same images
+    as (N, 64, 64, 3) in [-1, 1]. Every decoder group samples z from its posterior
+    (reparameterised, noise from ``generator``) and pays KL(q || p) against its prior.
+    Returns {"loss", "distortion", "rate"} (batch means per dimension) and "kl_groups" (per group).
+    """
+    dec = model.decoder
+    acts = model.encoder(x_in)
+    n = x_in.shape[0]
+    xs = dec.start_states()
+    kls = []
+    for block in dec.dec_blocks:
+        a = acts[block.res]
+        x = block.block_input(xs, n, a)
+        qm, qv = block.posterior_stats(x, a)
+        pm, pv, xpp = block.prior_stats(x)
+        x = x + xpp
+        eps = torch.randn(qm.shape, generator=generator, device=qm.device, dtype=qm.dtype)
+        z = qm + torch.exp(qv) * eps
+        kls.append(gaussian_kl(qm, qv, pm, pv).sum(dim=(1, 2, 3)))
+        xs[block.res] = block.finish(x, z)
+    px_z = xs[dec.image_size] * dec.gain + dec.bias
+    ll = dmol_log_likelihood(dec.out_net(px_z), x_target, model.config.num_mixtures)
+    n_dims = math.prod(x_target.shape[1:])
+    kl = torch.stack(kls, dim=1)  # (N, groups)
+    distortion = -ll / n_dims
+    rate = kl.sum(dim=1) / n_dims
+    return {"loss": (distortion + rate).mean(), "distortion": distortion.mean(), "rate": rate.mean(),
+            "kl_groups": kl.mean(dim=0) / n_dims}
+
+
 __all__ = [
     "CHECKPOINT_NAME", "CHECKPOINT_URL", "VDVAE", "VDVAEConfig", "PerImageNoise", "decode_latents",
-    "extract_latents", "latent_dim", "latent_shapes", "load_vdvae", "parse_layer_string", "preprocess",
+    "dmol_log_likelihood", "elbo", "extract_latents", "gaussian_kl", "latent_dim", "latent_shapes", "load_vdvae", "parse_layer_string", "preprocess",
     "random_init_", "sample_dmol", "split_latents", "to_uint8",
 ]

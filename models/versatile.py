@@ -274,24 +274,30 @@ def save_versatile(components: VersatileComponents, path: str | os.PathLike) -> 
     return root
 
 
-def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32) -> VersatileComponents:
+def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
+                   vae_channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32) -> VersatileComponents:
     """Tiny random Versatile Diffusion with the real architectures (tests and the demo), CPU, float32.
 
     VAE: 4 levels like SD's kl-f8, so images shrink 8× (64 px → 8×8 latents); UNets: 2 levels with
     4 dual blocks (down, mid, 2× up). ``cross_attention_dim`` must equal the tiny CLIP projection
-    dim. Initialisation uses a private RNG stream, so the global torch seed is left untouched.
+    dim; ``vae_channels`` the VAE's width per level (four levels = 8x down-sampling); ``norm_groups`` the
+    GroupNorm groups of VAE and UNets (32 = one channel per group at this width, which strips each
+    channel's mean: harmless for random nets, but a trained VAE then cannot output flat colours, so
+    the trained miniature uses 4 channels per group as SD does).
+    Initialisation uses a private RNG stream, so the global torch seed is left untouched.
     """
     apply_dual_transformer_patch()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels), block_out_channels=tuple(vae_channels),
+            layers_per_block=1, norm_num_groups=norm_groups, sample_size=64,
             scaling_factor=VD_SCALING_FACTOR,
         )
         common = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                      cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32)
+                      cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=norm_groups)
         image_unet = UNet2DConditionModel(
             in_channels=4, out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

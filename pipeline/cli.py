@@ -41,7 +41,7 @@ def build_parser(dataset: str | None, prog: str | None = None, steps: bool = Tru
     p.add_argument("--weights-dir", default=None, help="model weights root (paths.weights_dir)")
     p.add_argument("--raw-dir", default=None, help="raw dataset folder (<dataset>.raw_dir)")
     p.add_argument("--variant", default=None, help="training-set variant name (default: base)")
-    p.add_argument("--tiny", action="store_true", help="tiny random models (demo/tests) instead of real weights")
+    p.add_argument("--tiny", action="store_true", help='tiny random models (models.mode = "random-tiny") instead of real weights')
     p.add_argument("--reference-rng", action="store_true",
                    help="Versatile Diffusion noise from one sequential seed stream, as the reference script")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -72,7 +72,7 @@ def config_from_args(args: argparse.Namespace, dataset: str | None) -> Config:
         "paths.results_dir": args.results_dir,
         "paths.weights_dir": args.weights_dir,
         "run.variant": args.variant,
-        "run.tiny_models": "true" if args.tiny else None,
+        "models.mode": "random-tiny" if args.tiny else None,
         "versatile.reference_rng": "true" if args.reference_rng else None,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]

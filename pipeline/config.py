@@ -33,13 +33,18 @@ class RunConfig:
     variant: str = "base"  # a named training-set variant (experiments); 'base' = unchanged
     device: str = "auto"  # 'auto' → cuda if available else cpu; or 'cpu', 'cuda', 'cuda:1'
     seed: int = 0
-    tiny_models: bool = False  # tiny random networks (demo, tests) instead of real weights
+    tiny_models: bool = False  # deprecated: use models.mode; kept true whenever models.mode is not "real"
 
 
 @dataclass
 class ModelsConfig:
     """Weight locations, relative to ``paths.weights_dir`` unless absolute."""
 
+    # "real": the published weights below; "trained-miniature": the committed tiny networks trained
+    # on the synthetic images (miniature/weights, `make demo-models`); "random-tiny": seeded random
+    # tiny networks (unit tests). The mode lives here so that every step reading models sees it.
+    mode: str = "real"
+    miniature: str = ""  # trained-miniature weights folder; '' = the committed miniature/weights
     vdvae: str = "vdvae/imagenet64-iter-1600000-model-ema.th"
     clip: str = "clip-vit-large-patch14"
     versatile: str = "versatile-diffusion"
@@ -296,6 +301,25 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML ({exc})") from None
 
 
+MODEL_MODES = ("real", "trained-miniature", "random-tiny")
+
+
+def normalise_model_mode(cfg: Config, warn: bool = True) -> Config:
+    """Check ``models.mode``; map the deprecated ``run.tiny_models = true`` onto it (one warning line);
+    keep ``run.tiny_models`` equal to "not the real networks" for the code that only asks that."""
+    if cfg.models.mode not in MODEL_MODES:
+        raise UserError(f"config key models.mode: expected one of {', '.join(MODEL_MODES)}, got {cfg.models.mode!r}")
+    if cfg.run.tiny_models and cfg.models.mode == "real":
+        if warn:
+            import sys
+
+            print('warning: run.tiny_models is deprecated; it now means models.mode = "random-tiny" '
+                  '(the demo uses "trained-miniature")', file=sys.stderr)
+        cfg.models.mode = "random-tiny"
+    cfg.run.tiny_models = cfg.models.mode != "real"
+    return cfg
+
+
 def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults ← each TOML file in order ← ``section.key=value`` overrides."""
     cfg = Config()
@@ -309,7 +333,7 @@ def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Itera
         dotted, value = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         apply_mapping(cfg, {section: {key: value}}, source="--set")
-    return validate(cfg)
+    return validate(normalise_model_mode(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +392,9 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("versatile.seed", lambda v: v >= 0, "an integer >= 0"),
     ("versatile.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("versatile.text_features", lambda v: v in ("predicted", "true", "shuffled"), "predicted, true or shuffled"),
+    ("versatile.without_vdvae", lambda v: v in ("random_latent", "noise_image"), "random_latent or noise_image"),
+    ("versatile.clip_ablation", lambda v: v in ("mixing", "unconditional"), "mixing or unconditional"),
+    ("features.max_captions", lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     ("evaluate.profile", lambda v: v in ("braindiffuser", "mindeye"), "braindiffuser or mindeye"),
     ("evaluate.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("evaluate.images", lambda v: len(v) > 0 and set(v) <= {"versatile", "vdvae", "icnn"},
@@ -400,7 +427,7 @@ def validate(cfg: Config) -> Config:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. a saved record)."""
-    return apply_mapping(Config(), data, source="record")
+    return normalise_model_mode(apply_mapping(Config(), data, source="record"), warn=False)
 
 
 def to_toml(cfg: Config) -> str:

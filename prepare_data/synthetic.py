@@ -24,6 +24,7 @@ PHOTO_EVERY = 8  # every 8th image is a random crop of one of scikit-image's bun
 PHOTOS = {"chelsea": "a photo of a tabby cat", "coffee": "a cup of coffee on a saucer",
           "astronaut": "an astronaut in a white suit in front of a flag",
           "rocket": "a rocket on a launch pad", "hubble_deep_field": "galaxies in the night sky"}
+POOL_STREAM = 15  # stream tag of the miniature models' training pool (draw_pool)
 _N_ATTRS = len(COLOURS) * 2 + len(SHAPES) + len(POSITIONS) + 1
 
 
@@ -114,6 +115,21 @@ def make_synthetic(n_train: int, n_test: int, n_voxels: int, image_size: int, no
                                 ids=np.array([f"{('train', 'test')[split_no]}{i:05d}" for i in range(n)]),
                                 nrep=np.full(n, n_rep, dtype=np.int16)))
     return splits[0], splits[1]
+
+
+def draw_pool(n: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images (uint8 (n, S, S, 3)) and their captions from the same generator as the subjects'
+    images (every 8th a photo crop), drawn from their own stream ``default_rng([seed, POOL_STREAM])``:
+    the training pool of the miniature models (``miniature.train``), disjoint from every subject's
+    train and test images (those come from ``default_rng(synthetic.seed)``)."""
+    rng = np.random.default_rng([seed, POOL_STREAM])
+    stim = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    caps = []
+    for i in range(n):
+        draw = _photo if i % PHOTO_EVERY == PHOTO_EVERY - 1 else _draw
+        stim[i], c, _ = draw(rng, image_size)
+        caps.append(c)
+    return stim, captions_array(caps)
 
 
 def prepare_subject(out_dir: Path, subject: str, *, n_train: int = 96, n_test: int = 8, n_voxels: int = 256,

@@ -1,0 +1,359 @@
+"""Train the miniature Brain-Diffuser on CPU (``make demo-models``), seeded, and write its weights.
+
+    python -m miniature.train                      # full run, writes miniature/weights/
+    python -m miniature.train --out /tmp/w --scale 0.05   # a quick smoke run (5 % of the steps)
+
+Order: (1) a training pool of ``n_pool`` images with captions from the synthetic generator
+(``prepare_data.synthetic.draw_pool``: its own random stream, never a subject's image);
+(2) CLIP text + vision towers, symmetric InfoNCE on (image, caption) pairs; (3) VDVAE, negative
+ELBO (DMoL likelihood + KL of every group) in nats/dim; (4) AutoencoderKL, L1 + MSE
+reconstruction + small KL, then the latent scaling factor is set to 1/std of the scaled latents as
+SD's 0.18215 was; (5) the dual-attention image UNet as an epsilon-prediction denoiser on the
+VAE latents with VD's scaled-linear schedule (t uniform in 0..999), conditioned on the trained
+CLIP's vision tokens and caption-averaged text tokens (the features the ridge learns to predict),
+each condition replaced by its unconditional embedding (gray image / empty caption) with
+probability ``p_drop`` so classifier-free guidance works, and the text/vision mixing drawn per
+step so both transformers of every dual block learn. EMA weights are saved for VDVAE and UNet.
+Weights are written as fp16 safetensors (max output change measured and recorded) with
+``manifest.json``: sha256 per file, config, seed, command, final losses, wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import miniature
+from pipeline import io
+
+log = logging.getLogger("recon")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    n_pool: int = 3000
+    pool_image_size: int = 128  # the subjects' images are drawn at 128 px (configs/demo.toml)
+    threads: int = 1  # tiny convolutions: one thread is faster than two on a shared 2-core CPU
+    clip_steps: int = 300
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    vdvae_steps: int = 1400
+    vdvae_batch: int = 16
+    vdvae_lr: float = 2e-3
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-4
+    unet_steps: int = 800
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    p_drop: float = 0.15  # each condition independently replaced by its unconditional embedding
+    ema: float = 0.995
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class _Run:
+    """Step loop with a cosine schedule, grad clipping, EMA and a loss log."""
+
+    def __init__(self, name: str, params, steps: int, lr: float, ema_model=None, ema: float = 0.0):
+        self.name, self.steps, self.base_lr = name, steps, lr
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.99))
+        self.ema_model, self.ema = ema_model, ema
+        self.curve: list[dict] = []
+        self.recent: dict[str, list[float]] = {}
+
+    def step(self, i: int, loss: torch.Tensor, stats: dict[str, float], model=None) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = _lr(i, self.steps, self.base_lr)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 100.0)
+        self.opt.step()
+        if self.ema_model is not None:
+            with torch.no_grad():
+                for pe, p in zip(self.ema_model.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - self.ema)
+        for k, v in stats.items():
+            self.recent.setdefault(k, []).append(float(v))
+        every = max(1, self.steps // 20)
+        if (i + 1) % every == 0 or i + 1 == self.steps:
+            means = {k: float(np.mean(v)) for k, v in self.recent.items()}
+            self.curve.append({"step": i + 1, **means})
+            log.info("[miniature] %s step %d/%d %s", self.name, i + 1, self.steps,
+                     " ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            self.recent = {}
+
+    @property
+    def final(self) -> dict:
+        return self.curve[-1] if self.curve else {}
+
+
+def _steps(n: int, cfg: TrainConfig, scale: float) -> int:
+    return max(2, int(round(n * scale)))
+
+
+# --------------------------------------------------------------------------- 1. pool
+def make_pool(cfg: TrainConfig):
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    from prepare_data.synthetic import draw_pool
+
+    stim, caps = draw_pool(cfg.n_pool, cfg.pool_image_size, cfg.seed)
+    side = miniature.build_vdvae().config.image_size
+    # as each model sees them: VDVAE's PIL-bilinear resize to its input size; the VD init images are
+    # the 64 px bicubic upsampled VDVAE outputs (vdvae_init.output_size of configs/demo.toml)
+    vd_in = np.stack([np.asarray(TF.resize(Image.fromarray(im), [side, side])) for im in stim])
+    vae_in = np.stack([np.asarray(Image.fromarray(im).resize((64, 64), Image.Resampling.BICUBIC)) for im in stim])
+    return stim, caps, vd_in, vae_in
+
+
+# --------------------------------------------------------------------------- 2. CLIP
+def train_clip(cfg: TrainConfig, stim, caps, steps: int, rng: np.random.Generator):
+    from models.clip import caption_mask
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        clip = miniature.build_clip(seed=cfg.seed)
+    text, vision = clip.text_model.train().requires_grad_(True), clip.vision_model.train().requires_grad_(True)
+    pixels = torch.cat([clip.pixel_values(stim[i:i + 256]) for i in range(0, len(stim), 256)])
+    present = caption_mask(caps)
+    ids_all = [clip.tokenize([str(c) for c in row[m]]) for row, m in zip(caps, present)]
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    run = _Run("clip", list(text.parameters()) + list(vision.parameters()) + [logit_scale], steps, cfg.clip_lr)
+    for i in tqdm(range(steps), desc="train CLIP", unit="step"):
+        idx = rng.choice(len(stim), cfg.clip_batch, replace=False)
+        ids = torch.stack([ids_all[j][rng.integers(len(ids_all[j]))] for j in idx])
+        t = F.normalize(text(input_ids=ids).text_embeds, dim=-1)
+        v = F.normalize(vision(pixel_values=pixels[idx]).image_embeds, dim=-1)
+        logits = logit_scale.clamp(max=math.log(100)).exp() * v @ t.T
+        target = torch.arange(len(idx))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        acc = (logits.argmax(1) == target).float().mean()
+        run.step(i, loss, {"loss": loss.item(), "top1": acc.item()})
+    text.eval().requires_grad_(False)
+    vision.eval().requires_grad_(False)
+    return clip, run
+
+
+# --------------------------------------------------------------------------- 3. VDVAE
+def train_vdvae(cfg: TrainConfig, small, steps: int, rng: np.random.Generator):
+    from models import vdvae as m
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = m.random_init_(miniature.build_vdvae(), seed=cfg.seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model.train()
+    run = _Run("vdvae", model.parameters(), steps, cfg.vdvae_lr, ema_model=ema, ema=cfg.ema)
+    g = torch.Generator().manual_seed(cfg.seed)
+    data = torch.from_numpy(small).float()
+    shift, scale = torch.tensor([m.INPUT_SHIFT]), torch.tensor([m.INPUT_SCALE])
+    for i in tqdm(range(steps), desc="train VDVAE", unit="step"):
+        x = data[rng.choice(len(data), cfg.vdvae_batch, replace=False)]
+        out = m.elbo(model, (x + shift) * scale, x / 127.5 - 1.0, generator=g)
+        run.step(i, out["loss"], {"elbo": out["loss"].item(), "distortion": out["distortion"].item(),
+                                  "rate": out["rate"].item()}, model)
+    return ema.eval(), run
+
+
+# --------------------------------------------------------------------------- 4. AutoencoderKL
+def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator):
+    # start near-deterministic (posterior std e^-4): with VD's default logvar 0 the decoder first sees
+    # unit noise and a short run only learns the mean image
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels:] = -8.0
+    vae.train().requires_grad_(True)
+    run = _Run("vae", vae.parameters(), steps, cfg.vae_lr)
+    data = torch.from_numpy(small).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    for i in tqdm(range(steps), desc="train AutoencoderKL", unit="step"):
+        x = data[rng.choice(len(data), cfg.vae_batch, replace=False)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        l1, mse = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / math.prod(x.shape[1:])
+        loss = l1 + mse + cfg.vae_kl * kl
+        run.step(i, loss, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()})
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        zs = torch.cat([vae.encode(data[j:j + 256]).latent_dist.sample() for j in range(0, len(data), 256)])
+    scaling = float(1.0 / zs.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return vae, run, scaling
+
+
+# --------------------------------------------------------------------------- 5. dual UNet
+def train_unet(cfg: TrainConfig, comps, clip, stim, caps, small, steps: int, rng: np.random.Generator):
+    from models.versatile import set_dual_mixing, vd_alphas_cumprod
+
+    vae, unet = comps.vae, comps.image_unet
+    sf = vae.config.scaling_factor
+    x = torch.from_numpy(small).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    with torch.no_grad():
+        post = [vae.encode(x[j:j + 256]).latent_dist for j in range(0, len(x), 256)]
+    mean = torch.cat([p.mean for p in post]) * sf
+    std = torch.cat([p.std for p in post]) * sf
+    vision = torch.from_numpy(clip.encode_images(stim, batch_size=256))
+    text = torch.from_numpy(clip.encode_captions_per_image(caps, batch_size=256))
+    v_unc, t_unc = clip.unconditional_image(), clip.unconditional_text()
+    ac = vd_alphas_cumprod(comps.scheduler).float()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    unet.train().requires_grad_(True)
+    run = _Run("unet", unet.parameters(), steps, cfg.unet_lr, ema_model=ema, ema=cfg.ema)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    b = cfg.unet_batch
+    for i in tqdm(range(steps), desc="train dual UNet", unit="step"):
+        idx = torch.from_numpy(rng.choice(len(x), b, replace=False))
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        t = torch.randint(0, ac.shape[0], (b,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = ac[t][:, None, None, None]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        drop_t = torch.from_numpy(rng.random(b) < cfg.p_drop)[:, None, None]
+        drop_v = torch.from_numpy(rng.random(b) < cfg.p_drop)[:, None, None]
+        tc = torch.where(drop_t, t_unc[None], text[idx])
+        vc = torch.where(drop_v, v_unc[None], vision[idx])
+        set_dual_mixing(unet, float(rng.uniform(0, 1)), text_len=tc.shape[1], image_len=vc.shape[1])
+        pred = unet(zt, t, encoder_hidden_states=torch.cat([tc, vc], dim=1)).sample
+        loss = F.mse_loss(pred, eps)
+        run.step(i, loss, {"mse": loss.item()}, unet)
+    comps.image_unet = ema.eval()
+    return comps, run
+
+
+# --------------------------------------------------------------------------- writing
+def _fp16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+
+
+def _round_trip(module: torch.nn.Module) -> torch.nn.Module:
+    out = copy.deepcopy(module)
+    out.load_state_dict({k: v.float() for k, v in _fp16_state(module).items()})
+    return out
+
+
+def _fp16_check(clip, vdvae, comps, small, vae_in, caps) -> dict[str, float]:
+    """Largest output change caused by storing each network in fp16 (on pool images)."""
+    from models import vdvae as m
+
+    with torch.no_grad():
+        imgs = small[:16]
+        lat = m.extract_latents(vdvae, imgs, posterior="mean", progress=False)
+        lat16 = m.extract_latents(_round_trip(vdvae), imgs, posterior="mean", progress=False)
+        px = clip.pixel_values(imgs)
+        v = clip.encode_pixels(px)
+        vm = clip.vision_model
+        clip.vision_model = _round_trip(vm)
+        v16 = clip.encode_pixels(px)
+        clip.vision_model = vm
+        tm = clip.text_model
+        t = clip.encode_text([str(c) for c in caps[:16, 0]])
+        clip.text_model = _round_trip(tm)
+        t16 = clip.encode_text([str(c) for c in caps[:16, 0]])
+        clip.text_model = tm
+        x = torch.from_numpy(vae_in[:16]).float().permute(0, 3, 1, 2) / 127.5 - 1
+        rec = comps.vae.decode(comps.vae.encode(x).latent_dist.mean).sample
+        vae16 = _round_trip(comps.vae)
+        rec16 = vae16.decode(vae16.encode(x).latent_dist.mean).sample
+    return {"vdvae_latents": float((lat - lat16).__abs__().max()), "clip_vision": float((v - v16).abs().max()),
+            "clip_text": float((t - t16).abs().max()), "vae_pixels": float((rec - rec16).abs().max())}
+
+
+def write_weights(out_dir: Path, modules: dict[str, torch.nn.Module], manifest: dict) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, module in modules.items():
+        fname = miniature.FILES[name]
+        with io.atomic_path(out_dir / fname) as tmp:
+            save_file(_fp16_state(module), str(tmp), metadata={"format": "pt", "network": name})
+        files[fname] = {"sha256": miniature._sha256(out_dir / fname), "bytes": (out_dir / fname).stat().st_size,
+                        "dtype": "float16", "parameters": int(sum(p.numel() for p in module.state_dict().values()))}
+    manifest["files"] = files
+    manifest["total_bytes"] = int(sum(f["bytes"] for f in files.values()))
+    io.save_json(out_dir / miniature.MANIFEST, manifest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m miniature.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(miniature.WEIGHTS_DIR), help="weights folder (default: the committed one)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = TrainConfig()
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(cfg)}:
+            p.error(f"unknown TrainConfig field {key!r}")
+        setattr(cfg, key, type(getattr(cfg, key))(value))
+    torch.set_num_threads(cfg.threads)
+    t_all = time.time()
+    times = {}
+    rng = np.random.default_rng(cfg.seed)
+
+    t0 = time.time()
+    stim, caps, small, vae_in = make_pool(cfg)
+    times["pool"] = time.time() - t0
+    log.info("[miniature] pool: %d images in %.0f s", len(stim), times["pool"])
+
+    t0 = time.time()
+    clip, clip_run = train_clip(cfg, stim, caps, _steps(cfg.clip_steps, cfg, a.scale), rng)
+    times["clip"] = time.time() - t0
+
+    t0 = time.time()
+    vdvae, vdvae_run = train_vdvae(cfg, small, _steps(cfg.vdvae_steps, cfg, a.scale), rng)
+    times["vdvae"] = time.time() - t0
+
+    t0 = time.time()
+    comps = miniature.build_versatile(seed=cfg.seed)
+    comps.vae, vae_run, scaling = train_vae(cfg, comps.vae, vae_in, _steps(cfg.vae_steps, cfg, a.scale), rng)
+    times["vae"] = time.time() - t0
+
+    t0 = time.time()
+    comps, unet_run = train_unet(cfg, comps, clip, stim, caps, vae_in, _steps(cfg.unet_steps, cfg, a.scale), rng)
+    times["unet"] = time.time() - t0
+
+    fp16 = _fp16_check(clip, vdvae, comps, small, vae_in, caps)
+    runs = {"clip": clip_run, "vdvae": vdvae_run, "vae": vae_run, "unet": unet_run}
+    manifest = {
+        "what": "trained miniature Brain-Diffuser (models.mode = \"trained-miniature\")",
+        "rebuild": miniature.REBUILD + ("" if a.scale == 1.0 else f" (this run: --scale {a.scale})"),
+        "seed": cfg.seed, "train_config": dataclasses.asdict(cfg), "scale": a.scale,
+        "vae_scaling_factor": scaling,
+        "final_losses": {k: r.final for k, r in runs.items()},
+        "loss_curves": {k: r.curve for k, r in runs.items()},
+        "fp16_max_abs_change": fp16,
+        "wall_time_s": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t_all, 1)},
+        "torch_threads": cfg.threads, "versions": {"torch": torch.__version__},
+    }
+    write_weights(Path(a.out), {"vdvae": vdvae, "clip_text": clip.text_model, "clip_vision": clip.vision_model,
+                                "vae": comps.vae, "image_unet": comps.image_unet}, manifest)
+    log.info("[miniature] wrote %s (%.1f MB) in %.0f s", a.out, manifest["total_bytes"] / 1e6, time.time() - t_all)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
