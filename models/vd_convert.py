@@ -477,10 +477,9 @@ def build_components(converted: dict[str, dict[str, torch.Tensor]], arch: VDArch
 def empty_models(arch: VDArchitecture):
     """(dual image UNet, AutoencoderKL) of ``arch`` on the meta device (no memory, no random init)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models import DualTransformer2DModel
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from models.versatile import apply_dual_transformer_patch
+    from models.versatile import apply_dual_transformer_patch, dual_transformer_like
 
     apply_dual_transformer_patch()
     with torch.device("meta"):  # no random init of 860M parameters: every tensor comes from the checkpoint
@@ -489,15 +488,8 @@ def empty_models(arch: VDArchitecture):
     for name in [n for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]:
         parent, index = name.rsplit(".", 1)
         image_tf = unet.get_submodule(parent)[int(index)]
-        cfg = image_tf.config
         with torch.device("meta"):
-            dual = DualTransformer2DModel(
-                num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
-                in_channels=cfg.in_channels, num_layers=cfg.num_layers, dropout=cfg.dropout,
-                norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cross_attention_dim,
-                attention_bias=cfg.attention_bias, sample_size=cfg.sample_size,
-                num_vector_embeds=cfg.num_vector_embeds, activation_fn=cfg.activation_fn,
-                num_embeds_ada_norm=cfg.num_embeds_ada_norm)
+            dual = dual_transformer_like(image_tf)
         dual.transformers[0] = image_tf
         dual.transformers[1] = copy.deepcopy(image_tf)
         unet.get_submodule(parent)[int(index)] = dual

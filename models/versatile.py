@@ -114,6 +114,19 @@ def vd_scheduler(**overrides) -> DDIMScheduler:
     return DDIMScheduler(**config)
 
 
+def dual_transformer_like(tf: Transformer2DModel) -> DualTransformer2DModel:
+    """An empty DualTransformer2DModel shaped like ``tf`` (its two slots are filled by the caller)."""
+    cfg = tf.config
+    return DualTransformer2DModel(
+        num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
+        in_channels=cfg.in_channels, num_layers=cfg.num_layers, dropout=cfg.dropout,
+        norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cross_attention_dim,
+        attention_bias=cfg.attention_bias, sample_size=cfg.sample_size,
+        num_vector_embeds=cfg.num_vector_embeds, activation_fn=cfg.activation_fn,
+        num_embeds_ada_norm=cfg.num_embeds_ada_norm,
+    )
+
+
 def convert_to_dual_attention(image_unet: UNet2DConditionModel, text_unet: UNetFlatConditionModel) -> None:
     """Replace each Transformer2DModel of ``image_unet`` by a DualTransformer2DModel, in place.
 
@@ -129,15 +142,7 @@ def convert_to_dual_attention(image_unet: UNet2DConditionModel, text_unet: UNetF
         parent_name, index = name.rsplit(".", 1)
         image_tf = image_unet.get_submodule(parent_name)[int(index)]
         text_tf = text_unet.get_submodule(parent_name)[int(index)]
-        cfg = image_tf.config
-        dual = DualTransformer2DModel(
-            num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
-            in_channels=cfg.in_channels, num_layers=cfg.num_layers, dropout=cfg.dropout,
-            norm_num_groups=cfg.norm_num_groups, cross_attention_dim=cfg.cross_attention_dim,
-            attention_bias=cfg.attention_bias, sample_size=cfg.sample_size,
-            num_vector_embeds=cfg.num_vector_embeds, activation_fn=cfg.activation_fn,
-            num_embeds_ada_norm=cfg.num_embeds_ada_norm,
-        )
+        dual = dual_transformer_like(image_tf)
         dual.transformers[0] = image_tf
         dual.transformers[1] = text_tf
         image_unet.get_submodule(parent_name)[int(index)] = dual
