@@ -95,9 +95,9 @@ class DigestCache:
         return found
 
     def _known(self, path: Path, size: int, mtime: int) -> str | None:
-        hint = self.hints.get(str(path))
-        if hint and hint[0] == size and hint[1] == mtime:
-            return hint[2]
+        for entry in (self.seen.get(str(path)), self.hints.get(str(path))):  # digested already, or last run
+            if entry and entry[0] == size and entry[1] == mtime:
+                return entry[2]
         folder = path.parent
         for _ in range(_SEARCH_DEPTH):
             for root, outputs in self._recorded_outputs(folder):

@@ -135,8 +135,11 @@ def _cache_for(*records: dict | None) -> DigestCache:
     return DigestCache(hints)
 
 
-def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
-    """(complete?, reason) — outputs all present and the record matches config and input contents."""
+def is_complete(spec: StepSpec, ctx: Context, cache: DigestCache | None = None) -> tuple[bool, str]:
+    """(complete?, reason) — outputs all present and the record matches config and input contents.
+
+    ``cache``: share one across the checks of a run, so a changed input is hashed once.
+    """
     mod = spec.load()
     record_path = ctx.layout.record(spec.name)
     if not record_path.is_file():
@@ -149,11 +152,11 @@ def is_complete(spec: StepSpec, ctx: Context) -> tuple[bool, str]:
         return False, "unreadable completion record"
     if record.get("config_digest") != ctx.cfg.digest(spec.sections):
         return False, "configuration changed"
-    current = _input_digests(ctx, list(mod.inputs(ctx)), _cache_for(record))
-    if record.get("inputs") != current:
-        changed = sorted(k for k in set(current) | set(record.get("inputs") or {})
-                         if current.get(k) != (record.get("inputs") or {}).get(k))
-        return False, f"input changed: {changed[0]}" if changed else "inputs changed"
+    current = _input_digests(ctx, list(mod.inputs(ctx)), cache or _cache_for(record))
+    recorded = record.get("inputs") or {}
+    if recorded != current:
+        changed = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+        return False, f"input changed: {changed[0]}"
     return True, "complete"
 
 
@@ -179,17 +182,18 @@ def run_step(spec: StepSpec, ctx: Context) -> bool:
     """
     record_path = ctx.layout.record(spec.name)
     where = f"sub{ctx.subject}/{ctx.variant}"
-    if not ctx.force and is_complete(spec, ctx)[0]:  # read-only: parallel tasks sharing a step need no lock
+    cache = _cache_for(_load_record(record_path), _load_record(_started_path(record_path)))
+    if not ctx.force and is_complete(spec, ctx, cache)[0]:  # read-only: tasks sharing a step need no lock
         log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
         return False
     with step_lock(_lock_path(record_path), f"step {spec.name} for {where}"):
-        return _run_locked(spec, ctx, record_path, where)
+        return _run_locked(spec, ctx, record_path, where, cache)
 
 
-def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str) -> bool:
+def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str, cache: DigestCache) -> bool:
     mod = spec.load()
     if not ctx.force:  # checked again under the lock: a run that held it may just have finished
-        done, reason = is_complete(spec, ctx)
+        done, reason = is_complete(spec, ctx, cache)
         if done:
             log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
             return False
@@ -198,7 +202,6 @@ def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str) -> 
     started_path = _started_path(record_path)
     digest = ctx.cfg.digest(spec.sections)
     done_record, started_record = _load_record(record_path), _load_record(started_path)
-    cache = _cache_for(done_record, started_record)
     inputs = _input_digests(ctx, list(mod.inputs(ctx)), cache)
     ctx.resume = not ctx.force and (_matches(done_record, digest, inputs) or _matches(started_record, digest, inputs))
     if record_path.exists():
@@ -216,7 +219,6 @@ def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str) -> 
     missing = [p for p in outputs if not p.exists()]
     if missing:
         raise RuntimeError(f"step {spec.name} finished without writing {missing[0]}")
-    cache = DigestCache(cache.seen)
     record = {
         "step": spec.name,
         "subject": ctx.subject,
