@@ -26,14 +26,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from local_http import LocalServer  # tests/ is on sys.path: this script's folder, or conftest
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -382,7 +383,7 @@ def build_nsd(dest: Path) -> None:
     make_nsd_fixture(dest, subjects=(1,), n_sessions=2, trials_per_session=8, n_images=10, n_shared=3)
 
 
-class FailingServer:
+class FailingServer(LocalServer):
     """An OpenAI-compatible endpoint on 127.0.0.1 that answers every request with HTTP 400 and echoes
     the caller's Authorization header (so a leaked key would show); counts requests."""
 
@@ -405,13 +406,7 @@ class FailingServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(H, "/v1")
 
 
 def child_env() -> dict:

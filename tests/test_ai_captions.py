@@ -7,13 +7,14 @@ import io as _io
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ai_captions import generate as gen
+from local_http import LocalServer
 from ai_captions.shuffle import derangement, shuffle_captions, shuffle_elements
 from ai_captions.variants import load_caption_variant
 from models.clip_tokenizer import build_clip_tokenizer
@@ -29,7 +30,7 @@ def _images(n=4, size=12, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-class FakeServer:
+class FakeServer(LocalServer):
     """A local OpenAI-compatible /v1/chat/completions endpoint that records every request.
 
     ``errors``: HTTP statuses returned (in order) before answering normally; ``reply(req)`` gives the
@@ -69,9 +70,7 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        super().__init__(Handler, "/v1")
 
     def decode(self, body: dict) -> dict:
         first = body["messages"][0]["content"]
@@ -86,10 +85,6 @@ class FakeServer:
 
     def ok_requests(self):
         return [r for r in self.requests if r["status"] == 200]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """make weights: the list of weight files and how they are fetched."""
+from local_http import LocalServer
 
 
 def test_weights_list_names_the_published_files_and_digests():
@@ -33,13 +34,12 @@ def test_weights_list_names_the_published_files_and_digests():
     assert ref.size == 6_664_692_139 and ref.sha256 == "b7814655"
 
 
-class _Files:
+class _Files(LocalServer):
     """A local HTTP server on 127.0.0.1 serving ``files`` (path → bytes) with Range support; HEAD is
     refused (405, as figshare's presigned redirects do) unless ``head_ok``. Every request is recorded."""
 
     def __init__(self, files, head_ok=False):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.files, self.requests = files, []
         srv = self
@@ -81,13 +81,7 @@ class _Files:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(H)
 
 
 def _zip(members: dict) -> bytes:
