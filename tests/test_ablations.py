@@ -24,7 +24,7 @@ STEPS = 8
 
 def _cfg(tmp, *extra):
     return load_config([], [f"paths.data_dir={tmp / 'data'}", f"paths.results_dir={tmp / 'res'}",
-                            "run.dataset=synthetic", "run.tiny_models=true", "synthetic.n_train=24",
+                            "run.dataset=synthetic", "models.mode=random-tiny", "synthetic.n_train=24",
                             "synthetic.n_test=3", "synthetic.n_voxels=40", "synthetic.image_size=32",
                             "features.vdvae_groups=6", "ridge.alpha_vdvae=3", "ridge.alpha_cliptext=5",
                             "ridge.alpha_clipvision=7", "vdvae_init.output_size=64",

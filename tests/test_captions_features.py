@@ -30,7 +30,7 @@ def test_first_captions_keeps_order_and_skips_empty():
 
 @pytest.mark.parametrize("k", [5, 0])
 def test_cliptext_is_the_mean_over_the_first_k_captions(tmp_path, k):
-    cfg = load_config([], ["run.tiny_models=true", f"features.max_captions={k}"])
+    cfg = load_config([], ["models.mode=random-tiny", f"features.max_captions={k}"])
     clip = load_models.clip(cfg, "cpu")
     path = tmp_path / "cliptext_train.npy"
     _encode_captions(clip, CAPS, path, "test", cfg, progress=False)

@@ -176,7 +176,7 @@ def test_generating_builders_for_captions_and_perturbations(tmp_path):
     from pipeline.layout import Layout
     from prepare_data.synthetic import prepare_subject
 
-    cfg = load_config([], [f"paths.data_dir={tmp_path}", "run.dataset=synthetic", "run.tiny_models=true",
+    cfg = load_config([], [f"paths.data_dir={tmp_path}", "run.dataset=synthetic", "models.mode=random-tiny",
                            "run.device=cpu"])
     layout = Layout(cfg, "1", "v")
     prepare_subject(layout.data_dir, "1", n_train=6, n_test=2, n_voxels=8, image_size=32)

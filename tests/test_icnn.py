@@ -195,7 +195,7 @@ def test_batched_loop_equals_bdpy_reconstruct_per_image(nets, tmp_path):
 def _config(tmp_path, *extra):
     return load_config([], [f"paths.data_dir={tmp_path / 'data'}", f"paths.results_dir={tmp_path / 'res'}",
                             f"paths.weights_dir={tmp_path / 'weights'}", "run.dataset=synthetic",
-                            "run.tiny_models=true", "icnn.n_iter=3", f"icnn.image_size={SIZE}",
+                            "models.mode=random-tiny", "icnn.n_iter=3", f"icnn.image_size={SIZE}",
                             "icnn.layers=conv1_2,conv3_1,conv5_1,fc7", "icnn.batch_size=1", *extra])
 
 
@@ -266,7 +266,7 @@ def test_variant_reuses_base_features_and_decodes_its_rows(synthetic):
 
 
 def test_missing_real_weights_is_a_user_error(synthetic):
-    cfg = _config(synthetic, "run.tiny_models=false")
+    cfg = _config(synthetic, "models.mode=real")
     with pytest.raises(UserError, match=r"vgg19\.pt.*make weights"):
         step.run(Context(cfg, Layout(cfg, "1"), device="cpu", progress=False))
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _cfg(tmp_path, *extra):
     return load_config([], [f"paths.data_dir={tmp_path / 'data'}", f"paths.results_dir={tmp_path / 'res'}",
-                            "run.dataset=synthetic", "run.tiny_models=true", "synthetic.n_train=24",
+                            "run.dataset=synthetic", "models.mode=random-tiny", "synthetic.n_train=24",
                             "synthetic.n_test=5", "synthetic.n_voxels=40", "synthetic.image_size=32", "features.vdvae_groups=6",
                             "ridge.alpha_vdvae=3", "ridge.alpha_cliptext=5", "ridge.alpha_clipvision=7",
                             *extra])
