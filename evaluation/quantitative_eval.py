@@ -63,11 +63,11 @@ def _gt_features(ctx, gts: np.ndarray, networks: dict) -> dict[str, np.ndarray]:
     import json
 
     from evaluation.metrics import extract_features
-    from pipeline.provenance import file_digest
+    from pipeline.digests import DigestCache
 
     e = ctx.cfg.evaluate
     key = json.dumps({"profile": e.profile, "weights": {k: getattr(v, "weights", "") for k, v in networks.items()},
-                      "stim": file_digest(part_path(ctx.layout.base.data_dir, "test", "stim", ctx.subject))},
+                      "stim": DigestCache().digest(part_path(ctx.layout.base.data_dir, "test", "stim", ctx.subject))},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = ctx.layout.base.eval_dir() / f"gt_features_{e.profile}_{digest}.npz"

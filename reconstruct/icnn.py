@@ -420,10 +420,11 @@ def _n_images(layout, split: str, subject: str) -> int:
 
 
 def _digests(layout, subject, part: str) -> dict:
-    """Quick content digests of the train/test ``part`` files (a re-prepared dataset invalidates)."""
-    from pipeline.provenance import file_digest
+    """Content digests of the train/test ``part`` files (a re-prepared dataset invalidates)."""
+    from pipeline.digests import DigestCache
 
-    return {s: file_digest(part_path(layout.base.data_dir, s, part, subject)) for s in ("train", "test")}
+    digests = DigestCache()  # the prepare record's digests while the files are unchanged
+    return {s: digests.digest(part_path(layout.base.data_dir, s, part, subject)) for s in ("train", "test")}
 
 
 def _feature_state(ctx, layers) -> dict:
