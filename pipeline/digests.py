@@ -75,24 +75,26 @@ class DigestCache:
     """
 
     def __init__(self, hints: dict[str, list] | None = None):
-        self._records: dict[Path, dict[str, list]] = {}
+        self._records: dict[Path, list[dict[str, list]]] = {}  # folder → its records' output digests
         self.hints = dict(hints or {})
         self.seen: dict[str, list] = {}  # absolute path → [size, mtime_ns, digest] of every file digested
 
-    def _recorded_outputs(self, folder: Path) -> list[tuple[Path, dict[str, list]]]:
-        found = []
-        try:
-            candidates = sorted(folder.glob("*" + _RECORD_SUFFIX))
-        except OSError:
-            return found
-        for rec in candidates:
-            if rec not in self._records:
+    def _recorded_outputs(self, folder: Path) -> list[dict[str, list]]:
+        """The output digests of the records in ``folder``, listed and read once per folder (a folder
+        of 1,000 images is otherwise re-listed for each of its files)."""
+        if folder not in self._records:
+            found = []
+            try:
+                candidates = sorted(folder.glob("*" + _RECORD_SUFFIX))
+            except OSError:
+                candidates = []
+            for rec in candidates:
                 try:
-                    self._records[rec] = json.loads(rec.read_text()).get("output_digests") or {}
+                    found.append(json.loads(rec.read_text()).get("output_digests") or {})
                 except (OSError, ValueError, AttributeError):
-                    self._records[rec] = {}
-            found.append((folder, self._records[rec]))
-        return found
+                    pass
+            self._records[folder] = found
+        return self._records[folder]
 
     def _known(self, path: Path, size: int, mtime: int) -> str | None:
         for entry in (self.seen.get(str(path)), self.hints.get(str(path))):  # digested already, or last run
@@ -100,8 +102,8 @@ class DigestCache:
                 return entry[2]
         folder = path.parent
         for _ in range(_SEARCH_DEPTH):
-            for root, outputs in self._recorded_outputs(folder):
-                entry = outputs.get(_relative(path, root))
+            for outputs in self._recorded_outputs(folder):
+                entry = outputs.get(_relative(path, folder))
                 if entry and entry[0] == size and entry[1] == mtime:
                     return entry[2]
             if folder.parent == folder:
