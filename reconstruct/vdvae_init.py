@@ -1,8 +1,8 @@
 """Step 4, ``vdvae_init``: decode the predicted VDVAE latents into the blurry "initial guess".
 
 Groups 0..K−1 take the predicted latents, the remaining groups sample the prior at temperature 1,
-pixels come from the mixture-of-logistics head; the 64×64 result is upsampled to 512×512 with PIL
-bicubic (method.md §2.4). Image i uses seed ``vdvae_init.seed + i``, so any image can be
+pixels are drawn from the mixture-of-logistics head (``pixels = "mode"``: its most likely value);
+the 64×64 result is upsampled to 512×512 with PIL bicubic (method.md §2.4). Image i uses seed ``vdvae_init.seed + i``, so any image can be
 regenerated alone; a rerun continues from the first missing PNG.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run(ctx) -> None:
     for start in range(0, len(todo), c.batch_size):
         idx = todo[start:start + c.batch_size]
         images = decode_latents(model, np.asarray(latents[idx]), n_groups=n_groups, batch_size=c.batch_size,
-                                seeds=[c.seed + i for i in idx], progress=False)
+                                seeds=[c.seed + i for i in idx], progress=False, pixels=c.pixels)
         for i, img in zip(idx, images):
             pil = Image.fromarray(img)
             if c.output_size != pil.width:
