@@ -121,7 +121,7 @@ class VDVAEInitConfig:
     seed: int = 0  # per-image prior sampling seeds are seed + image index
     batch_size: int = 30
     output_size: int = 512  # bicubic upsampling of the 64×64 decoding
-    pixels: str = "sample"  # the reference draws pixels from the DMoL head; "mode": its most likely value
+    pixels: str = "sample"  # the reference draws pixels from the DMoL head; "mean": its average pixel
 
 
 @dataclass
@@ -386,7 +386,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("vdvae_init.seed", lambda v: v >= 0, "an integer >= 0"),
     ("vdvae_init.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("vdvae_init.output_size", lambda v: v >= 1, "an integer >= 1"),
-    ("vdvae_init.pixels", lambda v: v in ("sample", "mode"), "sample or mode"),
+    ("vdvae_init.pixels", lambda v: v in ("sample", "mean"), "sample or mean"),
     ("versatile.strength", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("versatile.num_inference_steps", lambda v: v >= 1, "an integer >= 1"),
     ("versatile.guidance_scale", lambda v: v >= 0, "a number >= 0"),

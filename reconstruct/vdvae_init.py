@@ -1,7 +1,7 @@
 """Step 4, ``vdvae_init``: decode the predicted VDVAE latents into the blurry "initial guess".
 
 Groups 0..K−1 take the predicted latents, the remaining groups sample the prior at temperature 1,
-pixels are drawn from the mixture-of-logistics head (``pixels = "mode"``: its most likely value);
+pixels are drawn from the mixture-of-logistics head (``pixels = "mean"``: its average);
 the 64×64 result is upsampled to 512×512 with PIL bicubic (method.md §2.4). Image i uses seed ``vdvae_init.seed + i``, so any image can be
 regenerated alone; a rerun continues from the first missing PNG.
 """

@@ -302,28 +302,32 @@ def test_temperature_zero_is_the_prior_mean(tiny, images):
         dec.forward_manual_latents(groups, PerImageNoise([1, 2]), temperature=-1.0)
 
 
-def test_mode_pixels_are_the_likeliest_component_centre(tiny, images):
-    """pixels="mode": argmax mixture weight, logistic centre, colour coupling; by hand in numpy."""
-    from models.vdvae import mode_dmol
+def test_mean_pixels_average_the_component_centres(tiny, images):
+    """pixels="mean": softmax-weighted centres after the colour coupling; by hand in numpy."""
+    from models.vdvae import mean_dmol
 
     k = 3
     rng = np.random.default_rng(1)
     params = rng.normal(0, 1.5, size=(2, 3, 4, 10 * k)).astype(np.float32)
-    got = mode_dmol(torch.from_numpy(params), k).numpy()
-    want = np.empty((2, 3, 4, 3))
+    params[1, 2, 3, k: k + k] = 5.0  # centres far outside [-1, 1]: clipped before averaging
+    got = mean_dmol(torch.from_numpy(params), k).numpy()
+    want = np.zeros((2, 3, 4, 3))
     for idx in np.ndindex(2, 3, 4):
         p = params[idx].astype(np.float64)
-        j = int(np.argmax(p[:k]))
-        mean = [p[k + c * 3 * k + j] for c in range(3)]
-        coef = [np.tanh(p[k + c * 3 * k + 2 * k + j]) for c in range(3)]
-        r = np.clip(mean[0], -1, 1)
-        g = np.clip(mean[1] + coef[0] * r, -1, 1)
-        want[idx] = (r, g, np.clip(mean[2] + coef[1] * r + coef[2] * g, -1, 1))
+        w = np.exp(p[:k] - p[:k].max())
+        w /= w.sum()
+        for j in range(k):
+            mean = [p[k + c * 3 * k + j] for c in range(3)]
+            coef = [np.tanh(p[k + c * 3 * k + 2 * k + j]) for c in range(3)]
+            r = np.clip(mean[0], -1, 1)
+            g = np.clip(mean[1] + coef[0] * r, -1, 1)
+            want[idx] += w[j] * np.array([r, g, np.clip(mean[2] + coef[1] * r + coef[2] * g, -1, 1)])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.isclose(got[1, 2, 3, 0], np.exp(params[1, 2, 3, :k]).sum() / np.exp(params[1, 2, 3, :k]).sum())
     # in decode_latents: the prior still uses the seeds, the pixels add no noise of their own
     z = extract_latents(tiny, images[:2], seed=0)[:, :latent_dim(tiny.config, 2)]
-    a = decode_latents(tiny, z, n_groups=2, temperature=0.0, seed=3, pixels="mode")
-    np.testing.assert_array_equal(a, decode_latents(tiny, z, n_groups=2, temperature=0.0, seed=9, pixels="mode"))
+    a = decode_latents(tiny, z, n_groups=2, temperature=0.0, seed=3, pixels="mean")
+    np.testing.assert_array_equal(a, decode_latents(tiny, z, n_groups=2, temperature=0.0, seed=9, pixels="mean"))
     assert not np.array_equal(a, decode_latents(tiny, z, n_groups=2, temperature=0.0, seed=3))
     with pytest.raises(UserError, match="pixels"):
-        decode_latents(tiny, z, n_groups=2, pixels="mean")
+        decode_latents(tiny, z, n_groups=2, pixels="mode")
