@@ -41,7 +41,7 @@ from PIL import Image
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from evaluation.networks import (
+from models.eval_networks import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,

@@ -83,7 +83,7 @@ def _gt_features(ctx, gts: np.ndarray, networks: dict) -> dict[str, np.ndarray]:
 
 def run(ctx) -> None:
     from evaluation.metrics import METRICS, compute_metrics
-    from evaluation.networks import load_eval_networks
+    from models.eval_networks import load_eval_networks
     from evaluation.qualitative_eval import save_grid
 
     cfg, layout, e = ctx.cfg, ctx.layout, ctx.cfg.evaluate
