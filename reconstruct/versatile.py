@@ -4,7 +4,7 @@ predicted CLIP-vision and CLIP-text embeddings (method.md §5; every constant is
 1. load the init images (512 px PNGs of ``vdvae_init``) and the predicted embeddings
 2. pick the conditioning: predicted, or an ablation/control (``use_clip_*``, ``text_features``)
 3. unconditional pair: embedding of the empty text and of a uniform gray image
-4. ``models.versatile.img2img`` in batches: strength 0.75 of 50 DDIM steps, guidance 7.5,
+4. ``reconstruct.sampling.img2img`` in batches: strength 0.75 of 50 DDIM steps, guidance 7.5,
    vision 0.6 / text 0.4 dual attention
 5. write one PNG per test image as soon as its batch is done; a rerun continues from the missing
 
@@ -103,7 +103,7 @@ def conditioning(ctx, clip) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch
 
 
 def run(ctx) -> None:
-    from models.versatile import BrainDiffuserRNG, img2img
+    from reconstruct.sampling import BrainDiffuserRNG, img2img
 
     v, layout = ctx.cfg.versatile, ctx.layout
     if not 0.0 <= v.strength <= 1.0 or not 0.0 <= v.mix_text <= 1.0:
