@@ -69,7 +69,6 @@ NETWORK_METRICS = {
     "SwAV": ("swav", "avgpool"),
 }
 IDENTIFICATION_METRICS = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP")
-DISTANCE_METRICS = ("EffNet-B", "SwAV")
 SSIM_VARIANTS = ("columnwise", "2d")
 SSIM_KWARGS = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
 

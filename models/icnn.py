@@ -56,8 +56,6 @@ IMAGE_MEAN_BGR = (104.0, 117.0, 123.0)
 GENERATOR_SIZE = 256
 TINY_SEED = 4321
 TINY_PIXEL_SD = 50.0
-FIGSHARE = {"vgg19": "https://figshare.com/ndownloader/files/38225868",
-            "generator": "https://figshare.com/ndownloader/files/38361230"}
 
 _VGG19_WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                  512, 512, 512, 512, "M")
