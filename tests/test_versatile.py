@@ -1,4 +1,4 @@
-"""Tests for models/versatile.py: tiny random Versatile Diffusion, Brain-Diffuser img2img arithmetic."""
+"""Tests for models/versatile.py (tiny random Versatile Diffusion, the dual-attention network) and reconstruct/sampling.py (Brain-Diffuser img2img arithmetic)."""
 import json
 import math
 
