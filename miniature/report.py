@@ -30,7 +30,7 @@ def _run_dir(results: Path, sub: str) -> Path:
 
 def unrelated_baseline(results: Path, data: Path, sub: str) -> dict[str, float]:
     from evaluation.metrics import compute_metrics
-    from evaluation.networks import load_eval_networks
+    from models.eval_networks import load_eval_networks
     from reconstruct.versatile import load_init_images
 
     d = _run_dir(results, sub) / "images" / "versatile"

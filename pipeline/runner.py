@@ -56,6 +56,17 @@ STEPS: tuple[StepSpec, ...] = (
              "iCNN baseline: VGG19 features, ridge decoding, relu7-DGN reconstruction (on request)", default=False),
     StepSpec("evaluate", "evaluation.quantitative_eval", ("evaluate", "run.tiny_models"),
              "8 metrics + decoder metrics, CSV/JSON tables and plots"),
+    # the icnn step's stages (it runs them in order; each can also be asked for alone)
+    StepSpec("icnn_features", "reconstruct.icnn.features",
+             ("icnn.layers", "icnn.image_size", "icnn.vgg19", "run.tiny_models"),
+             "iCNN stage 1: VGG19 features of the subject's images (base run, shared by variants)", default=False),
+    StepSpec("icnn_decode", "reconstruct.icnn.decode", ("icnn.layers", "icnn.alpha", "icnn.n_voxels"),
+             "iCNN stage 2: fMRI → VGG19 features with the variant's training rows", default=False),
+    StepSpec("icnn_recon", "reconstruct.icnn.recon",
+             ("icnn.layers", "icnn.image_size", "icnn.n_iter", "icnn.lr_start", "icnn.lr_end", "icnn.momentum_start",
+              "icnn.momentum_end", "icnn.decay_start", "icnn.decay_end", "icnn.seed", "icnn.vgg19", "icnn.generator",
+              "icnn.generator_bound", "run.tiny_models"),
+             "iCNN stage 3: relu7-generator reconstruction of each test image", default=False),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 
