@@ -18,6 +18,9 @@ from typing import Any
 
 from pipeline.errors import UserError
 
+#: The unchanged training set's variant name (``run.variant``'s default; reserved, never built).
+BASE_VARIANT = "base"
+
 
 @dataclass
 class PathsConfig:
@@ -30,7 +33,7 @@ class PathsConfig:
 class RunConfig:
     dataset: str = "nsd"
     subjects: list[str] = field(default_factory=lambda: ["1", "2", "5", "7"])
-    variant: str = "base"  # a named training-set variant (experiments); 'base' = unchanged
+    variant: str = BASE_VARIANT  # a named training-set variant (experiments); 'base' = unchanged
     device: str = "auto"  # 'auto' → cuda if available else cpu; or 'cpu', 'cuda', 'cuda:1'
     seed: int = 0
     tiny_models: bool = False  # deprecated: use models.mode; kept true whenever models.mode is not "real"
