@@ -131,3 +131,8 @@ BUILDERS: dict[str, Callable[..., dict]] = {
     "perturbed": _build_perturbed,
     "settings": _build_settings,
 }
+
+#: Steps of the base run whose outputs a builder reads (run for the base variant before it builds).
+BASE_STEPS: dict[str, tuple[str, ...]] = {
+    "diversity": ("features",),  # space = "clipvision" embeds the base CLIP-vision features
+}

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from experiments.builders import BUILDERS
+from experiments.builders import BASE_STEPS, BUILDERS
 from experiments.grid import Experiment, Task, VariantSpec, load_experiment
 from pipeline import io
 from pipeline.config import BASE_VARIANT, Config
@@ -62,14 +62,14 @@ def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra
               "started": time.time()}
     io.save_json(state, record)
     try:
-        base = Layout(cfg, task.subject, BASE_VARIANT)
-        run_step(step_spec("prepare"), Context(cfg, base, device, progress=progress))
-        layout = Layout(cfg, task.subject, task.variant.name)
+        ctx = Context(cfg, Layout(cfg, task.subject, task.variant.name), device, progress=progress)
+        run_step(step_spec("prepare"), ctx)  # the runner runs prepare for the subject, whatever the variant
         if task.variant.name != BASE_VARIANT:
-            run_step(step_spec("features"), Context(cfg, base, device, progress=progress))
-            ensure_variant(cfg, layout, task.variant)
-        for name in exp.steps:
-            run_step(step_spec(name), Context(cfg, layout, device, progress=progress))
+            for name in BASE_STEPS.get(task.variant.method, ()):  # base outputs the builder reads
+                run_step(step_spec(name), ctx.for_base())
+            ensure_variant(cfg, ctx.layout, task.variant)
+        for name in exp.steps:  # the runner runs each step's base prerequisite first (StepSpec.needs_base)
+            run_step(step_spec(name), ctx)
     except BaseException as exc:
         record.update(state="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
         io.save_json(state, record)

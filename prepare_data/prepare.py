@@ -5,8 +5,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli import step_main
 from pipeline.errors import UserError
+from pipeline.step_entry import step_main
 
 log = logging.getLogger("recon")
 
