@@ -392,10 +392,11 @@ def load_perturbed(path: Path, ids: np.ndarray, copy: int) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import build_parser as shared
+    from pipeline.config import DATASET_NAMES
 
     p = shared(None, prog="python -m adv_pert.perturb", steps=False)
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--eps", type=float, default=DEFAULT_EPS, help=f"FGSM step (study grid {EPSILONS})")

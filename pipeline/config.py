@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import re
 import tomllib
@@ -94,6 +95,51 @@ class SyntheticConfig:
     image_size: int = 128
     noise: float = 0.5
     seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataset registry: every dataset declared once; its config section is the Config field of the
+# same name (above). CLI choices, prepare's dispatch, splits and step digest all derive from here.
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How the pipeline reaches one dataset.
+
+    ``module`` is the prepare module, by name (so ``pipeline/`` imports no dataset code); it provides
+    ``prepare_from_config(cfg, out_dir, subject, progress) -> summary dict`` and
+    ``subject_table(cfg) -> str`` (``--list-subjects``).
+    """
+
+    module: str
+    raw_dir: bool = True  # the section has ``raw_dir`` (the --raw-dir flag; prepare checks the folder first)
+    splits: tuple[str, ...] = ("train", "test")
+    optional_splits: tuple[tuple[str, str], ...] = ()  # (split, key of the section): made when that key is set
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "nsd": DatasetSpec("prepare_data.nsd"),
+    "deeprecon": DatasetSpec("prepare_data.deeprecon", optional_splits=(("art", "session_art"),)),
+    "things": DatasetSpec("prepare_data.things"),
+    "synthetic": DatasetSpec("prepare_data.synthetic", raw_dir=False),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"run.dataset: unknown dataset {name!r} ({', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def dataset_splits(cfg: "Config") -> list[str]:
+    """The common-format splits ``prepare`` writes for ``cfg``'s dataset."""
+    spec = dataset_spec(cfg.run.dataset)
+    section = getattr(cfg, cfg.run.dataset)
+    return [*spec.splits, *(split for split, key in spec.optional_splits if getattr(section, key))]
 
 
 @dataclass
@@ -220,6 +266,10 @@ class Config:
             return p
         return Path(getattr(self.paths, base)).expanduser() / p
 
+    def optional_path(self, value: str, base: str | None = None) -> Path | None:
+        """:meth:`resolve_path`, with '' (not set) as None."""
+        return self.resolve_path(value, base) if value else None
+
 
 # ---------------------------------------------------------------------------------------------
 # loading and overriding
@@ -345,7 +395,6 @@ def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Itera
 #: Names that become folder names (subjects, variants, experiments): letters, digits and ``._+=-``,
 #: not starting with a dot, so no name can climb out of its folder or hide as a dotfile.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}")
-DATASETS = ("nsd", "deeprecon", "things", "synthetic")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 

@@ -34,6 +34,10 @@ from pipeline.provenance import versions
 log = logging.getLogger("recon")
 
 
+#: In a step's ``sections``: the config section of the run's own dataset (``nsd`` for run.dataset = "nsd").
+DATASET_SECTION = "<run.dataset's section>"
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One entry of the registry: a name, the module holding run/outputs/inputs, config sections."""
@@ -49,9 +53,13 @@ class StepSpec:
     def load(self):
         return importlib.import_module(self.module)
 
+    def config_digest(self, cfg: Config) -> str:
+        """The digest of what this step reads of ``cfg`` (:data:`DATASET_SECTION` → the dataset's section)."""
+        return cfg.digest([cfg.run.dataset if s == DATASET_SECTION else s for s in self.sections])
+
 
 STEPS: tuple[StepSpec, ...] = (
-    StepSpec("prepare", "prepare_data.prepare", ("run.dataset", "nsd", "deeprecon", "things", "synthetic"),
+    StepSpec("prepare", "prepare_data.prepare", ("run.dataset", DATASET_SECTION),
              "raw dataset → common format", per_variant=False),
     StepSpec("features", "regression.extract_features", ("models", "features", "run.tiny_models"),
              "VDVAE latents and CLIP-text/vision embeddings of train/test images", needs_base=True),
@@ -163,7 +171,7 @@ def is_complete(spec: StepSpec, ctx: Context, cache: DigestCache | None = None) 
     record = _load_record(record_path)
     if record is None:
         return False, "unreadable completion record"
-    if record.get("config_digest") != ctx.cfg.digest(spec.sections):
+    if record.get("config_digest") != spec.config_digest(ctx.cfg):
         return False, "configuration changed"
     current = _input_digests(ctx, list(mod.inputs(ctx)), cache or _cache_for(record))
     recorded = record.get("inputs") or {}
@@ -228,7 +236,7 @@ def _run_locked(spec: StepSpec, ctx: Context, record_path: Path, where: str, cac
     else:
         reason = "--force"
     started_path = _started_path(record_path)
-    digest = ctx.cfg.digest(spec.sections)
+    digest = spec.config_digest(ctx.cfg)
     done_record, started_record = _load_record(record_path), _load_record(started_path)
     inputs = _input_digests(ctx, list(mod.inputs(ctx)), cache)
     ctx.resume = not ctx.force and (_matches(done_record, digest, inputs) or _matches(started_record, digest, inputs))
