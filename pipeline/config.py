@@ -36,7 +36,7 @@ class RunConfig:
     subjects: list[str] = field(default_factory=lambda: ["1", "2", "5", "7"])
     variant: str = BASE_VARIANT  # a named training-set variant (experiments); 'base' = unchanged
     device: str = "auto"  # 'auto' → cuda if available else cpu; or 'cpu', 'cuda', 'cuda:1'
-    seed: int = 0
+    seed: int = 0  # draws of tools outside the steps (adversarial targets); each step has its own (pipeline/seeds.py)
     tiny_models: bool = False  # deprecated: use models.mode; kept true whenever models.mode is not "real"
 
 
@@ -153,12 +153,12 @@ class FeaturesConfig:
 
 @dataclass
 class RidgeConfig:
-    fmri_scale: float = 300.0  # NSD betas are percent signal change × 300
+    fmri_scale: float = 300.0  # NSD betas are percent signal change × 300 (also regression.ridge.FMRI_SCALE)
     alpha_vdvae: float = 5e4
     alpha_cliptext: float = 1e5
     alpha_clipvision: float = 6e4
     rescale: bool = True  # transductive re-standardisation of test predictions (method.md §4.3)
-    max_memory_gb: float = 8.0
+    max_memory_gb: float = 8.0  # per-chunk working memory of the ridge passes (ridge step and iCNN decoders)
     cv: bool = False  # cross-validate alpha per target group instead of the reference alphas
     cv_alphas: list[float] = field(default_factory=lambda: [1e3, 1e4, 3e4, 5e4, 1e5, 3e5, 1e6])
     save_weights: bool = False

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import load as load_models
-from pipeline import io
+from pipeline import io, seeds
 from pipeline.common_format import read_split
 from pipeline.config import BASE_VARIANT
 from pipeline.errors import UserError
@@ -30,7 +30,6 @@ from pipeline.variant import load_variant, variant_files
 
 log = logging.getLogger("recon")
 CHUNK = 256  # images per CLIP chunk written to disk
-TEST_SEED_OFFSET = 1_000_000  # test images draw VDVAE posterior noise from their own seed range
 
 
 def _vdvae_features(model, stim, n_groups, batch_size, seed, path, progress):
@@ -116,7 +115,7 @@ def run(ctx) -> None:
         model = load_models.vdvae(cfg, ctx.device)
         for split in todo("vdvae"):
             _vdvae_features(model, splits[split].stim, f.vdvae_groups, f.vdvae_batch_size,
-                            f.seed + (TEST_SEED_OFFSET if split == "test" else 0),
+                            seeds.vdvae_posterior(cfg, split),
                             layout.features("vdvae", split), ctx.progress)
         del model
     if not (todo("cliptext") or todo("clipvision")):

@@ -61,3 +61,27 @@ def test_force_on_a_variant_does_not_redo_the_base(tmp_path):
     assert run_step(step_spec("features"), forced) is True
     assert variant.base.record("features").stat().st_mtime_ns == base_record
     assert BASE_VARIANT == variant.base.variant == "base"
+
+
+def test_vdvae_targets_use_the_seeds_of_pipeline_seeds(tmp_path):
+    """Train and test VDVAE posterior samples are drawn with pipeline.seeds.vdvae_posterior's seeds
+    (features.seed, and features.seed + 1,000,000 for the test images)."""
+    from models import load as load_models
+    from models.vdvae import extract_latents
+    from pipeline import seeds
+
+    cfg = _cfg(tmp_path)
+    layout = Layout(cfg, "1")
+    ctx = Context(cfg=cfg, layout=layout, device="cpu", progress=False)
+    for step in ("prepare", "features"):
+        run_step(step_spec(step), ctx)
+    assert seeds.vdvae_posterior(cfg, "test") == cfg.features.seed + 1_000_000 != seeds.vdvae_posterior(cfg, "train")
+    model = load_models.vdvae(cfg, "cpu")
+    for split in ("train", "test"):
+        stim = read_split(layout.data_dir, split, "1", parts=("stim",)).stim
+        expected = extract_latents(model, stim, n_groups=cfg.features.vdvae_groups, batch_size=cfg.features.vdvae_batch_size,
+                                   seed=seeds.vdvae_posterior(cfg, split), progress=False)
+        np.testing.assert_allclose(io.load_npy(layout.features("vdvae", split)), expected, rtol=1e-5, atol=1e-6)
+    other = extract_latents(model, read_split(layout.data_dir, "test", "1", parts=("stim",)).stim,
+                            n_groups=cfg.features.vdvae_groups, seed=seeds.vdvae_posterior(cfg, "train"), progress=False)
+    assert not np.allclose(io.load_npy(layout.features("vdvae", "test")), other)
