@@ -9,8 +9,9 @@ upstream redoes exactly the steps downstream of it; ``--force`` redoes it. Each 
 lock (``pipeline.locks``).
 
 Prerequisites are declared, not coded in the steps: a step with ``needs_base`` reads the base
-run's outputs of the same step, so for any other variant the runner first runs (or finds complete)
-that step for the base variant; the step's module may narrow this with ``needs_base(ctx) -> bool``.
+run's outputs of the same step, so before it runs for any other variant the runner runs (or finds
+complete) that step for the base variant; the step's module may narrow this with
+``needs_base(ctx) -> bool``.
 A step that is not ``per_variant`` (``prepare``) belongs to the dataset, not to a variant: it
 always runs with the base variant's layout. Steps themselves only read, compute and write.
 """
@@ -205,23 +206,23 @@ def needs_base(spec: StepSpec, ctx: Context) -> bool:
 def run_step(spec: StepSpec, ctx: Context) -> bool:
     """Run one step unless complete; returns True when it ran.
 
-    A step that is not ``per_variant`` runs with the base layout whatever ``ctx``'s variant; one
-    that ``needs_base`` first has its base run brought up to date (never forced, so ``--force`` on
-    a variant redoes only the variant). The step runs under its lock (a second run on the same output
-    folder stops with one line). Outputs already on disk are kept (``ctx.resume``) only when a
-    completion or start record shows they were made with the same config and inputs; otherwise the
-    step starts afresh.
+    A step that is not ``per_variant`` runs with the base layout whatever ``ctx``'s variant. When
+    a variant's step that ``needs_base`` is to run, the base run of the step is brought up to date
+    first (never forced, so ``--force`` on a variant redoes only the variant). The step runs under its
+    lock (a second run on the same output folder stops with one line). Outputs already on disk are
+    kept (``ctx.resume``) only when a completion or start record shows they were made with the same
+    config and inputs; otherwise the step starts afresh.
     """
     if not spec.per_variant and ctx.variant != BASE_VARIANT:
         return run_step(spec, ctx.for_base())
-    if needs_base(spec, ctx):
-        run_step(spec, ctx.for_base(force=False))
     record_path = ctx.layout.record(spec.name)
     where = f"sub{ctx.subject}/{ctx.variant}"
     cache = _cache_for(_load_record(record_path), _load_record(_started_path(record_path)))
     if not ctx.force and is_complete(spec, ctx, cache)[0]:  # read-only: tasks sharing a step need no lock
         log.info("[%s] %s: complete, skipping (--force to redo)", spec.name, where)
         return False
+    if needs_base(spec, ctx):  # before this variant's lock: the base has its own
+        run_step(spec, ctx.for_base(force=False))
     with step_lock(_lock_path(record_path), f"step {spec.name} for {where}"):
         return _run_locked(spec, ctx, record_path, where, cache)
 
