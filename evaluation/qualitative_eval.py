@@ -67,12 +67,13 @@ def variant_grid(path: Path, gts: np.ndarray, layouts: dict[str, object], kind: 
 
 def main(argv=None) -> int:
     from pipeline.cli import build_parser, config_from_args, guarded
+    from pipeline.config import DATASET_NAMES
     from pipeline.common_format import read_split
     from pipeline.errors import UserError
     from pipeline.layout import Layout, dataset_results, summary_dir
 
     parser = build_parser(None, prog="python -m evaluation.qualitative_eval", steps=False)
-    parser.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     parser.add_argument("--runs", nargs="+", default=["sub*/base"], metavar="GLOB")
     parser.add_argument("--kinds", nargs="+", default=["vdvae", "versatile"], help="image sets per run")
     pick = parser.add_mutually_exclusive_group()

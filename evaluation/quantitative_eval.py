@@ -283,12 +283,13 @@ def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] |
 
 def main(argv=None) -> int:
     from pipeline.cli import build_parser, config_from_args, guarded, setup_logging
+    from pipeline.config import DATASET_NAMES
     from pipeline.layout import Layout, dataset_results, summary_dir
     from pipeline.runner import Context, resolve_device, run_step, step_spec
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser(None, prog="python -m evaluation.quantitative_eval", steps=False)
-    parser.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     parser.add_argument("--runs", nargs="+", default=["sub*/base"], metavar="GLOB",
                         help="runs as sub<subject>/<variant> globs (default: sub*/base)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired t-test of variant A vs B")
