@@ -19,13 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.common_format import subject_dir
-from pipeline.config import Config
+from pipeline.config import BASE_VARIANT, Config
 
 TARGETS = ("vdvae", "cliptext", "clipvision")
 ICNN = "icnn"  # images/icnn, features/icnn, predictions/icnn
-#: Steps whose outputs belong to the subject (the base run) and are shared by every variant: their
-#: completion record lives in the base run whichever variant asked for them.
-SUBJECT_STEPS = ("icnn_features",)
 
 
 def dataset_results(cfg: Config) -> Path:
@@ -42,7 +39,7 @@ def summary_dir(cfg: Config) -> Path:
 class Layout:
     cfg: Config
     subject: str
-    variant: str = "base"
+    variant: str = BASE_VARIANT
 
     @property
     def dataset(self) -> str:
@@ -66,7 +63,7 @@ class Layout:
 
     @property
     def base(self) -> "Layout":
-        return self.for_variant("base")
+        return self.for_variant(BASE_VARIANT)
 
     def features(self, target: str, split: str) -> Path:
         return self.run_dir / "features" / f"{target}_{split}.npy"
@@ -89,8 +86,6 @@ class Layout:
     def record(self, step: str) -> Path:
         if step == "prepare":
             return self.data_dir / "prepare.done.json"
-        if step in SUBJECT_STEPS:
-            return self.base.run_dir / f"{step}.done.json"
         return self.run_dir / f"{step}.done.json"
 
     def variant_dir(self) -> Path:

@@ -77,7 +77,8 @@ STEPS: tuple[StepSpec, ...] = (
     # the icnn step's stages (it runs them in order; each can also be asked for alone)
     StepSpec("icnn_features", "reconstruct.icnn.features",
              ("icnn.layers", "icnn.image_size", "icnn.vgg19", "run.tiny_models"),
-             "iCNN stage 1: VGG19 features of the subject's images (base run, shared by variants)", default=False),
+             "iCNN stage 1: VGG19 features of the subject's images (base run, shared by variants)", default=False,
+             per_variant=False),
     StepSpec("icnn_decode", "reconstruct.icnn.decode", ("icnn.layers", "icnn.alpha", "icnn.n_voxels"),
              "iCNN stage 2: fMRI → VGG19 features with the variant's training rows", default=False),
     StepSpec("icnn_recon", "reconstruct.icnn.recon",
@@ -173,6 +174,8 @@ def is_complete(spec: StepSpec, ctx: Context, cache: DigestCache | None = None) 
 
     ``cache``: share one across the checks of a run, so a changed input is hashed once.
     """
+    if not spec.per_variant and ctx.variant != BASE_VARIANT:
+        ctx = ctx.for_base()
     mod = spec.load()
     record_path = ctx.layout.record(spec.name)
     if not record_path.is_file():
@@ -307,7 +310,8 @@ def select_steps(only: list[str] | None = None, start: str | None = None) -> lis
 
 
 def list_steps() -> str:
-    return "\n".join(f"{i + 1}. {s.name:<11} {s.help}" for i, s in enumerate(STEPS))
+    width = max(len(s.name) for s in STEPS)
+    return "\n".join(f"{i + 1:>2}. {s.name:<{width}}  {s.help}" for i, s in enumerate(STEPS))
 
 
 def run_pipeline(cfg: Config, steps: list[StepSpec], subjects: list[str], device: str, force: bool = False,

@@ -23,7 +23,7 @@ diffusion noise of image i       ``versatile.seed + i`` (or one stream  reconstr
 "w/o VDVAE" random latent /      ``[versatile.seed, i]``                 reconstruct/versatile.py
 noise image of image i
 "shuffled" text control          ``versatile.seed`` (one permutation)   reconstruct/versatile.py
-iCNN initial code of image i     ``icnn.seed + i``                       reconstruct/icnn.py
+iCNN initial code of image i     ``icnn.seed + i``                       reconstruct/icnn/recon.py
 adversarial target draw          ``run.seed`` (``--seed``)               adv_pert/perturb.py (its CLI)
 variant builders (dropout        the grid's ``seed`` / ``draw``          experiments/builders.py
 subsets, shuffled captions,      parameters (default 0)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from models import load as load_models
 from pipeline import io
-from pipeline.cli import step_main
+from pipeline.seeds import per_image
+from pipeline.step_entry import step_main
 from pipeline.errors import UserError
 from pipeline.resume import pending
 
@@ -37,7 +38,7 @@ def run(ctx) -> None:
     for start in range(0, len(todo), c.batch_size):
         idx = todo[start:start + c.batch_size]
         images = decode_latents(model, np.asarray(latents[idx]), n_groups=n_groups, batch_size=c.batch_size,
-                                seeds=[c.seed + i for i in idx], progress=False, pixels=c.pixels)
+                                seeds=per_image(c.seed, idx), progress=False, pixels=c.pixels)
         for i, img in zip(idx, images):
             pil = Image.fromarray(img)
             if c.output_size != pil.width:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from models import load as load_models
 from pipeline import io
-from pipeline.cli import step_main
+from pipeline.seeds import per_image
+from pipeline.step_entry import step_main
 from pipeline.errors import UserError
 from pipeline.resume import pending
 
@@ -135,7 +136,7 @@ def run(ctx) -> None:
         else:  # "noise_image": a seeded random-pixel image encoded through AutoKL (~25 % survives strength 0.75)
             init = np.stack([np.random.default_rng([v.seed, i]).integers(0, 256, (size, size, 3), dtype=np.uint8)
                              for i in idx])
-        generators = None if reference else [torch.Generator("cpu").manual_seed(v.seed + i) for i in idx]
+        generators = None if reference else [torch.Generator("cpu").manual_seed(s) for s in per_image(v.seed, idx)]
         images = img2img(components, init, vision[idx], text[idx], vision_uncond, text_uncond,
                          strength=v.strength, num_inference_steps=v.num_inference_steps,
                          guidance_scale=v.guidance_scale, mix_text=mix_text, generators=generators,

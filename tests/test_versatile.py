@@ -266,7 +266,7 @@ def test_bad_arguments_are_user_errors(comps, inputs):
         run(comps, bad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_fp16_unet_on_cuda_close_to_fp32(comps, inputs):
     ref = run(comps, inputs, batch_size=3, output_type="float")
     c16 = vd.VersatileComponents(vae=comps.vae.to("cuda"), image_unet=comps.image_unet.to("cuda", torch.float16),

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.icnn import check_weight_files
+from pipeline.config import BASE_VARIANT
 from pipeline.common_format import part_path
 from pipeline.variant import variant_files
 from reconstruct.icnn import decode, features, recon
@@ -33,10 +34,9 @@ def run(ctx) -> None:
     check_settings(ctx.cfg)
     check_weight_files(ctx.cfg)  # missing weights fail before any long work
     for name in STAGES:
-        shared = name == features.STEP  # the subject's, in the base run: --force on a variant keeps it
-        run_step(step_spec(name), Context(cfg=ctx.cfg, layout=ctx.layout.base if shared else ctx.layout,
-                                          device=ctx.device, force=ctx.force and (not shared or ctx.variant == "base"),
-                                          progress=ctx.progress))
+        spec = step_spec(name)  # icnn_features is not per_variant: the runner runs it for the base run
+        redo = ctx.force and (spec.per_variant or ctx.variant == BASE_VARIANT)  # --force on a variant keeps it
+        run_step(spec, Context(cfg=ctx.cfg, layout=ctx.layout, device=ctx.device, force=redo, progress=ctx.progress))
 
 
 def outputs(ctx) -> list[Path]:
@@ -50,6 +50,6 @@ def inputs(ctx) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import step_main
+    from pipeline.step_entry import step_main
 
     return step_main(KIND, argv)

@@ -24,6 +24,7 @@ from pipeline import io
 from pipeline.common_format import part_path, read_split
 from pipeline.errors import UserError
 from pipeline.variant import load_variant, variant_files
+from regression.ridge import MAX_MEMORY_GB
 from reconstruct.icnn.common import SPLITS, STD_DDOF, check_settings, feature_std
 
 log = logging.getLogger("recon")
@@ -53,7 +54,7 @@ class RowSubset:
 
 
 def decode_features(X: np.ndarray, X_test: np.ndarray, targets: Mapping[str, np.ndarray], *, alpha: float,
-                    n_voxels: int = 0, device: str = "cpu", max_memory_gb: float = 8.0, progress: bool = True,
+                    n_voxels: int = 0, device: str = "cpu", max_memory_gb: float = MAX_MEMORY_GB, progress: bool = True,
                     out: Mapping[str, object] | None = None) -> tuple[dict, dict]:
     """Ridge-decode each target layer from normalised fMRI.
 
@@ -170,7 +171,7 @@ def inputs(ctx) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import step_main
+    from pipeline.step_entry import step_main
 
     return step_main(STEP, argv)
 

@@ -1,7 +1,7 @@
 """Step ``icnn_features`` (iCNN stage 1): VGG19 features of every train and test image, once per subject.
 
 Written under the *base* run and reused by every variant (its completion record lives there too,
-``pipeline.layout.SUBJECT_STEPS``): images squeezed to ``icnn.image_size`` (PIL bicubic), RGB→BGR,
+the registry's ``per_variant=False``): images squeezed to ``icnn.image_size`` (PIL bicubic), RGB→BGR,
 minus the Caffe mean, ``icnn.layers`` tapped at bdpy's ``layer_map('vgg19')`` modules (conv outputs
 before their ReLU, fc6/fc7/fc8 linear outputs). ``features/icnn/<layer>_{train,test}.npy``, float32
 ``(n_img, *unit_shape)``, plus ``reference_std.json``: per layer, the mean over the training images of
@@ -79,7 +79,7 @@ def inputs(ctx) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import step_main
+    from pipeline.step_entry import step_main
 
     return step_main(STEP, argv)
 

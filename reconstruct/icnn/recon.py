@@ -33,6 +33,7 @@ from models.icnn import ICNNModels, load_icnn_models
 from pipeline import io
 from pipeline.config import ICNNConfig
 from pipeline.resume import pending
+from pipeline.seeds import per_image
 from reconstruct.icnn.common import FeatureTaps, centre_crop, check_settings, deprocess_image, image_paths
 from reconstruct.icnn.decode import scale_decoded
 
@@ -122,7 +123,7 @@ def reconstruct_images(ctx, models: ICNNModels, layers: list[str], reference: Ma
         targets = {l: torch.from_numpy(np.stack([scale_decoded(preds[l][i], means[l], reference[l]) for i in idx]))
                    .to(ctx.device) for l in layers}
         images, hist = reconstruct(
-            targets, models.encoder, models.generator, seeds=[c.seed + i for i in idx], latent_dim=models.latent_dim,
+            targets, models.encoder, models.generator, seeds=per_image(c.seed, idx), latent_dim=models.latent_dim,
             n_iter=c.n_iter, image_size=c.image_size, lr=(c.lr_start, c.lr_end),
             momentum=(c.momentum_start, c.momentum_end), decay=(c.decay_start, c.decay_end),
             lower_bound=models.lower_bound, upper_bound=models.upper_bound, progress=ctx.progress)
@@ -152,7 +153,7 @@ def inputs(ctx) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import step_main
+    from pipeline.step_entry import step_main
 
     return step_main(STEP, argv)
 
