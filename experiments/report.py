@@ -76,7 +76,7 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
     for task in tasks:
         cfg = task_config(exp, task, extra_configs, extra_overrides)
         layout = Layout(cfg, task.subject, task.variant.name)
-        path = layout.eval_dir() / "metrics.json"
+        path = layout.metrics("json")
         if path.is_file():
             records.append(io.load_json(path))
             specs[task.variant.name] = task.variant

@@ -493,7 +493,7 @@ class MultiTargetRidge:
             def part(r: slice) -> None:
                 host[r] = Y[r, sl]
 
-            def whole() -> None:  # array-likes such as icnn.RowSubset support [:, columns] only
+            def whole() -> None:  # array-likes such as reconstruct.icnn.decode.RowSubset support [:, columns] only
                 host[:] = Y[:, sl]
 
             if isinstance(Y, np.ndarray):
