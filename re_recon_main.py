@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import experiment as ex
+from experiments import grid, tasks as ex
 from pipeline import io
+from pipeline.config import BASE_VARIANT
 from pipeline.cli import guarded, setup_logging
 from pipeline.errors import UserError
 
@@ -110,7 +111,7 @@ def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
 
 
 def run(args) -> None:
-    exp = ex.load_experiment(args.experiment)
+    exp = grid.load_experiment(args.experiment)
     tasks = select_tasks(exp, args)
     cfg = exp.config(args.overrides, args.config)
     root = Path(cfg.paths.results_dir).expanduser() / "experiments" / exp.name
@@ -122,7 +123,7 @@ def run(args) -> None:
         print_table(rows, ("task", "state", "log", "error"))
         return
     if args.report:
-        from evaluation.experiment_report import write_report
+        from experiments.report import write_report
 
         print(f"report: {write_report(exp, tasks, args.config, args.overrides)}")
         return
@@ -133,7 +134,7 @@ def run(args) -> None:
         return
     if todo and not submit_all(exp, todo, executor_settings(exp, args), root / "logs", args):
         return
-    from evaluation.experiment_report import write_report
+    from experiments.report import write_report
 
     print(f"report: {write_report(exp, tasks, args.config, args.overrides)}")
 
@@ -177,7 +178,7 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
     at once (follow with --status). Local/debug: at most ``max_parallel`` tasks at a time, here.
     """
     executor = make_executor(settings, log_dir)
-    waves = [[t for t in todo if t.variant.name == "base"], [t for t in todo if t.variant.name != "base"]]
+    waves = [[t for t in todo if t.variant.name == BASE_VARIANT], [t for t in todo if t.variant.name != BASE_VARIANT]]
     if settings["name"] == "slurm":
         first = [_submit(executor, exp, t, log_dir, args) for t in waves[0]]
         if first:

@@ -392,10 +392,11 @@ def load_perturbed(path: Path, ids: np.ndarray, copy: int) -> np.ndarray:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import build_parser as shared
+    from pipeline.config import DATASET_NAMES
 
     p = shared(None, prog="python -m adv_pert.perturb", steps=False)
     p.description = __doc__.split("\n\n")[0]
-    p.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--eps", type=float, default=DEFAULT_EPS, help=f"FGSM step (study grid {EPSILONS})")
@@ -413,6 +414,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     from models import load as load_models
     from pipeline.cli import config_from_args, guarded, setup_logging
     from pipeline.common_format import read_split, subject_dir
+    from pipeline import seeds
     from pipeline.runner import resolve_device
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -430,7 +432,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         obj = CLIPObjective(load_models.clip(cfg, device))
         path = perturb_dataset(obj, data.stim, data.ids, data.cap, args.out, mode=args.mode, method=args.method,
                                eps=args.eps, criterion=args.criterion, copies=args.copies,
-                               seed=cfg.run.seed if args.seed is None else args.seed, max_steps=args.max_steps,
+                               seed=seeds.tool_seed(cfg) if args.seed is None else args.seed, max_steps=args.max_steps,
                                batch_size=args.batch_size, chunk_size=args.chunk_size,
                                progress=not args.no_progress,
                                extra_info={"dataset": args.dataset, "subject": subject,

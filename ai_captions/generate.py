@@ -452,10 +452,11 @@ def make_client(base_url: str | None = None, api_key_env: str = DEFAULT_KEY_ENV,
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import OneLineParser
+    from pipeline.config import DATASET_NAMES
 
     p = OneLineParser(prog="python -m ai_captions.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data", help="common-format root (paths.data_dir)")
-    p.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--subject", required=True, help="whose training split to caption (images are matched by id)")
     p.add_argument("--prompt", action="append", default=None, help="prompt name (repeatable; default: all)")
     p.add_argument("--prompts-file", default=str(PROMPTS_PATH))

@@ -2,7 +2,7 @@
 
 Reference approach: Brain-Diffuser reconstructs one image at a time (one UNet call of 2 samples,
 [uncond; cond], per DDIM step).  ``per_image_loop`` below is that straightforward loop, written here
-on the same components, noise draws and schedule arithmetic; ``models.versatile.img2img`` with
+on the same components, noise draws and schedule arithmetic; ``reconstruct.sampling.img2img`` with
 ``batch_size=B`` runs B images per UNet call (2·B samples).  Both get one generator per image (seed
 ``--seed + i``), so the outputs must agree; the max abs difference of the float outputs
 (``output_type="float"``, [0, 1]) is printed.  ``img2img`` with ``batch_size=1`` is timed as a third row.
@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import versatile as vd  # noqa: E402
+from reconstruct import sampling as sampler  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def per_image_loop(c: vd.VersatileComponents, init_images: np.ndarray, vc, tc, v
     """
     unet, vae = c.image_unet, c.vae
     dev = unet.device
-    sched = vd.img2img_schedule(vd.vd_alphas_cumprod(c.scheduler), steps, strength)
+    sched = sampler.img2img_schedule(sampler.vd_alphas_cumprod(c.scheduler), steps, strength)
     vd.set_dual_mixing(unet, mix_text, text_len=tc.shape[1], image_len=vc.shape[1])
     sf = vae.config.scaling_factor
     uncond = torch.cat([tu, vu], dim=0)[None].to(dev, unet.dtype)
@@ -172,7 +173,7 @@ def main(argv=None):
         return [torch.Generator().manual_seed(a.seed + i) for i in range(n)]
 
     # warm-up (kernels, allocator, lazy inits), untimed
-    vd.img2img(comps, init[:1], vc[:1], tc[:1], vu, tu, **{**kw, "num_inference_steps": 4},
+    sampler.img2img(comps, init[:1], vc[:1], tc[:1], vu, tu, **{**kw, "num_inference_steps": 4},
                generators=gens()[:1], batch_size=1)
     sync(device)
 
@@ -188,9 +189,9 @@ def main(argv=None):
     methods = {loop: lambda: per_image_loop(comps, init, vc, tc, vu, tu, strength=a.strength, steps=a.steps,
                                             guidance=7.5, mix_text=0.4, generators=gens())}
     if not a.skip_batch1:
-        methods["img2img batch_size=1"] = lambda: vd.img2img(comps, init, vc, tc, vu, tu, **kw,
+        methods["img2img batch_size=1"] = lambda: sampler.img2img(comps, init, vc, tc, vu, tu, **kw,
                                                              generators=gens(), batch_size=1)
-    methods[batched] = lambda: vd.img2img(comps, init, vc, tc, vu, tu, **kw, generators=gens(),
+    methods[batched] = lambda: sampler.img2img(comps, init, vc, tc, vu, tu, **kw, generators=gens(),
                                           batch_size=a.batch_size)
     outs, times = {}, {name: [] for name in methods}
     for _ in range(a.repeats):  # interleaved, so a burst of load on a shared machine hits every method

@@ -41,7 +41,7 @@ from PIL import Image
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from evaluation.networks import (
+from models.eval_networks import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -69,7 +69,6 @@ NETWORK_METRICS = {
     "SwAV": ("swav", "avgpool"),
 }
 IDENTIFICATION_METRICS = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP")
-DISTANCE_METRICS = ("EffNet-B", "SwAV")
 SSIM_VARIANTS = ("columnwise", "2d")
 SSIM_KWARGS = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
 

@@ -67,12 +67,13 @@ def variant_grid(path: Path, gts: np.ndarray, layouts: dict[str, object], kind: 
 
 def main(argv=None) -> int:
     from pipeline.cli import build_parser, config_from_args, guarded
+    from pipeline.config import DATASET_NAMES
     from pipeline.common_format import read_split
     from pipeline.errors import UserError
-    from pipeline.layout import Layout
+    from pipeline.layout import Layout, dataset_results, summary_dir
 
     parser = build_parser(None, prog="python -m evaluation.qualitative_eval", steps=False)
-    parser.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     parser.add_argument("--runs", nargs="+", default=["sub*/base"], metavar="GLOB")
     parser.add_argument("--kinds", nargs="+", default=["vdvae", "versatile"], help="image sets per run")
     pick = parser.add_mutually_exclusive_group()
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
 
     def go():
         cfg = config_from_args(args, args.dataset)
-        root = Path(cfg.paths.results_dir).expanduser() / cfg.run.dataset
+        root = dataset_results(cfg)
         runs = sorted(p.relative_to(root).as_posix() for p in root.glob("sub*/*") if (p / "images").is_dir())
         chosen = [r for r in runs if any(fnmatch.fnmatch(r, g) for g in args.runs)]
         if not chosen:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                 paths = [layout.image(kind, i) for i in range(n)]
                 if all(paths[c].is_file() for c in cols):
                     rows[f"{run} {kind}"] = paths
-        out = Path(args.out) if args.out else root / "summary" / "grid.png"
+        out = Path(args.out) if args.out else summary_dir(cfg) / "grid.png"
         save_grid(out, np.asarray(gts), rows, columns=[int(c) for c in cols])
         print(f"grid of {len(rows)} rows × {len(cols)} images: {out}")
 

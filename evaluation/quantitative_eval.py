@@ -69,8 +69,7 @@ def _gt_features(ctx, gts: np.ndarray, networks: dict) -> dict[str, np.ndarray]:
     key = json.dumps({"profile": e.profile, "weights": {k: getattr(v, "weights", "") for k, v in networks.items()},
                       "stim": DigestCache().digest(part_path(ctx.layout.base.data_dir, "test", "stim", ctx.subject))},
                      sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = ctx.layout.base.eval_dir() / f"gt_features_{e.profile}_{digest}.npz"
+    path = ctx.layout.gt_features(e.profile, hashlib.sha256(key.encode()).hexdigest()[:16])
     if path.is_file() and not ctx.force:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -83,7 +82,7 @@ def _gt_features(ctx, gts: np.ndarray, networks: dict) -> dict[str, np.ndarray]:
 
 def run(ctx) -> None:
     from evaluation.metrics import METRICS, compute_metrics
-    from evaluation.networks import load_eval_networks
+    from models.eval_networks import load_eval_networks
     from evaluation.qualitative_eval import save_grid
 
     cfg, layout, e = ctx.cfg, ctx.layout, ctx.cfg.evaluate
@@ -97,7 +96,6 @@ def run(ctx) -> None:
     networks = load_eval_networks(cfg.paths.weights_dir, ctx.device, tiny=cfg.run.tiny_models, profile=e.profile)
     gt_features = _gt_features(ctx, np.asarray(gts), networks)
     results, rows = {}, []
-    out = layout.eval_dir()
     for kind, paths in kinds.items():
         res = compute_metrics(paths, np.asarray(gts), networks, profile=e.profile, batch_size=e.batch_size,
                               gt_features=gt_features, progress=ctx.progress)
@@ -105,24 +103,24 @@ def run(ctx) -> None:
         results[kind] = res
         rows.append({"images": kind, **{m: res[m] for m in METRICS if m in res},
                      **({"DreamSim": res["DreamSim"]} if "DreamSim" in res else {})})
-        _write_csv(out / f"per_image_{kind}.csv",
+        _write_csv(layout.per_image_metrics(kind),
                    [{"image": i, **{m: float(v[i]) for m, v in per_image.items()}} for i in range(n)])
     decoder = _decoder_metrics(layout)
     record = {"dataset": cfg.run.dataset, "subject": ctx.subject, "variant": ctx.variant, "profile": e.profile,
               "n_images": n, "reconstruction": results, "decoder": decoder}
-    io.save_json(out / "metrics.json", record)
-    _write_csv(out / "metrics.csv", [{"profile": e.profile, **r} for r in rows])
-    _bar_plot(out / "metrics.png", rows, f"sub{ctx.subject} / {ctx.variant} ({e.profile})")
+    io.save_json(layout.metrics("json"), record)
+    _write_csv(layout.metrics("csv"), [{"profile": e.profile, **r} for r in rows])
+    _bar_plot(layout.metrics("png"), rows, f"sub{ctx.subject} / {ctx.variant} ({e.profile})")
     rows = {"vdvae init": init} if "vdvae" not in kinds and (init := _recon_paths(layout, "vdvae", n)) else {}
-    save_grid(out / "grid.png", np.asarray(gts), {**rows, **kinds}, max_images=8)
+    save_grid(layout.eval_grid(), np.asarray(gts), {**rows, **kinds}, max_images=8)
     for kind, res in results.items():
         log.info("[evaluate] sub%s/%s %s: %s", ctx.subject, ctx.variant, kind,
                  ", ".join(f"{m} {res[m]:.3f}" for m in METRICS if m in res))
 
 
 def outputs(ctx) -> list[Path]:
-    d = ctx.layout.eval_dir()
-    return [d / "metrics.json", d / "metrics.csv", d / "metrics.png", d / "grid.png"]
+    layout = ctx.layout
+    return [layout.metrics("json"), layout.metrics("csv"), layout.metrics("png"), layout.eval_grid()]
 
 
 def inputs(ctx) -> list[Path]:
@@ -285,12 +283,13 @@ def write_summary(out_dir: Path, records: list[dict], compare: tuple[str, str] |
 
 def main(argv=None) -> int:
     from pipeline.cli import build_parser, config_from_args, guarded, setup_logging
-    from pipeline.layout import Layout
+    from pipeline.config import DATASET_NAMES
+    from pipeline.layout import Layout, dataset_results, summary_dir
     from pipeline.runner import Context, resolve_device, run_step, step_spec
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser(None, prog="python -m evaluation.quantitative_eval", steps=False)
-    parser.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     parser.add_argument("--runs", nargs="+", default=["sub*/base"], metavar="GLOB",
                         help="runs as sub<subject>/<variant> globs (default: sub*/base)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired t-test of variant A vs B")
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
 
     def go():
         cfg = config_from_args(args, args.dataset)
-        root = Path(cfg.paths.results_dir).expanduser() / cfg.run.dataset
+        root = dataset_results(cfg)
         runs = sorted({p.parent.relative_to(root).as_posix() for p in root.glob("sub*/*/predictions")})
         chosen = [r for r in runs if any(fnmatch.fnmatch(r, g) for g in args.runs)]
         if not chosen:
@@ -312,7 +311,7 @@ def main(argv=None) -> int:
             ctx = Context(cfg, Layout(cfg, sub[len("sub"):], variant), device, force=args.force,
                           progress=not args.no_progress)
             run_step(step_spec("evaluate"), ctx)
-        out = write_summary(Path(args.out) if args.out else root / "summary", collect(root, chosen),
+        out = write_summary(Path(args.out) if args.out else summary_dir(cfg), collect(root, chosen),
                             tuple(args.compare) if args.compare else None)
         print(f"summary of {len(chosen)} runs: {out}")
 

@@ -20,17 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.metrics import IDENTIFICATION_METRICS, METRICS
+from pipeline.config import BASE_VARIANT
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
 
 
 def _run_dir(results: Path, sub: str) -> Path:
-    return results / "synthetic" / f"sub{sub}" / "base"
+    return results / "synthetic" / f"sub{sub}" / BASE_VARIANT
 
 
 def unrelated_baseline(results: Path, data: Path, sub: str) -> dict[str, float]:
     from evaluation.metrics import compute_metrics
-    from evaluation.networks import load_eval_networks
+    from models.eval_networks import load_eval_networks
     from reconstruct.versatile import load_init_images
 
     d = _run_dir(results, sub) / "images" / "versatile"

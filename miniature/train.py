@@ -205,7 +205,8 @@ def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator
 
 # --------------------------------------------------------------------------- 5. dual UNet
 def train_unet(cfg: TrainConfig, comps, clip, stim, caps, small, steps: int, rng: np.random.Generator):
-    from models.versatile import set_dual_mixing, vd_alphas_cumprod
+    from models.versatile import set_dual_mixing
+    from reconstruct.sampling import vd_alphas_cumprod
 
     vae, unet = comps.vae, comps.image_unet
     sf = vae.config.scaling_factor

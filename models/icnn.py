@@ -56,8 +56,6 @@ IMAGE_MEAN_BGR = (104.0, 117.0, 123.0)
 GENERATOR_SIZE = 256
 TINY_SEED = 4321
 TINY_PIXEL_SD = 50.0
-FIGSHARE = {"vgg19": "https://figshare.com/ndownloader/files/38225868",
-            "generator": "https://figshare.com/ndownloader/files/38361230"}
 
 _VGG19_WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                  512, 512, 512, 512, "M")
@@ -258,12 +256,32 @@ def load_upper_bound(path: str | os.PathLike, latent_dim: int = 4096) -> np.ndar
 
 def load_icnn_models(cfg, device: str | torch.device = "cpu") -> ICNNModels:
     """Encoder + generator from the config: tiny seeded ones with ``run.tiny_models``, else real weights."""
+    enc = load_encoder(cfg, device)
     if cfg.run.tiny_models:
-        enc, gen = tiny_vgg19(), tiny_generator()
-        enc, gen = (m.to(device).eval().requires_grad_(False) for m in (enc, gen))
+        gen = tiny_generator().to(device).eval().requires_grad_(False)
         return ICNNModels(enc, gen, latent_dim=gen.defc7.in_features, upper_bound=None)
     c = cfg.icnn
-    enc = load_vgg19(cfg.resolve_path(c.vgg19, "weights_dir"), device)
     gen = load_generator(cfg.resolve_path(c.generator, "weights_dir"), device)
     bound = load_upper_bound(cfg.resolve_path(c.generator_bound, "weights_dir")) if c.generator_bound else None
     return ICNNModels(enc, gen, latent_dim=4096, upper_bound=bound)
+
+
+def load_encoder(cfg, device: str | torch.device = "cpu") -> nn.Module:
+    """The VGG19 alone (feature extraction needs no generator): tiny seeded one with ``run.tiny_models``."""
+    if cfg.run.tiny_models:
+        return tiny_vgg19().to(device).eval().requires_grad_(False)
+    return load_vgg19(cfg.resolve_path(cfg.icnn.vgg19, "weights_dir"), device)
+
+
+def check_weight_files(cfg) -> None:
+    """Fail with the loaders' one-line errors when a weight file the config names is absent (nothing is
+    loaded: the iCNN step checks this before its first long stage)."""
+    if cfg.run.tiny_models:
+        return
+    c = cfg.icnn
+    for value, what in ((c.vgg19, "VGG19"), (c.generator, "relu7 generator")):
+        path = cfg.resolve_path(value, "weights_dir")
+        if not path.is_file():
+            read_state_dict(path, what)  # raises the "not found; run `make weights`" error
+    if c.generator_bound and not cfg.resolve_path(c.generator_bound, "weights_dir").is_file():
+        load_upper_bound(cfg.resolve_path(c.generator_bound, "weights_dir"))

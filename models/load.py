@@ -24,7 +24,7 @@ def mode(cfg: Config) -> str:
 
 
 def _miniature_dir(cfg: Config):
-    import miniature
+    from models import miniature
 
     return cfg.resolve_path(cfg.models.miniature) if cfg.models.miniature else miniature.WEIGHTS_DIR
 
@@ -33,7 +33,7 @@ def vdvae(cfg: Config, device: str = "cpu"):
     from models import vdvae as m
 
     if mode(cfg) == "trained-miniature":
-        import miniature
+        from models import miniature
 
         return miniature.load_vdvae(device, _miniature_dir(cfg))
     if mode(cfg) == "random-tiny":
@@ -46,7 +46,7 @@ def clip(cfg: Config, device: str = "cpu"):
     from models.clip import CLIPEmbedder
 
     if mode(cfg) == "trained-miniature":
-        import miniature
+        from models import miniature
 
         return miniature.load_clip(device, _miniature_dir(cfg))
     if mode(cfg) == "random-tiny":
@@ -58,7 +58,7 @@ def versatile(cfg: Config, device: str = "cpu", dtype: torch.dtype = torch.float
     from models import versatile as m
 
     if mode(cfg) == "trained-miniature":
-        import miniature
+        from models import miniature
 
         return miniature.load_versatile(device, dtype, _miniature_dir(cfg))
     if mode(cfg) == "random-tiny":

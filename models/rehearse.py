@@ -192,7 +192,7 @@ def pieces(group: str, models_cfg=None, icnn_cfg=None) -> list[Piece]:
                   _save_pretrained),
         ]
     if group == "eval":
-        from evaluation import networks as en
+        from models import eval_networks as en
 
         out = []
         for name in ("alexnet", "inception", "effnet", "effnet_v2", "swav"):  # effnet_v2: MindEye's weights
@@ -415,7 +415,7 @@ def _shapes(state: dict) -> dict[str, tuple]:
 
 
 def _open_clip_meta():
-    """``evaluation.networks._build_clip(False)`` on the meta device (open_clip moves to its ``device``)."""
+    """``models.eval_networks._build_clip(False)`` on the meta device (open_clip moves to its ``device``)."""
     import open_clip
 
     return open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True, device="meta")
@@ -429,7 +429,7 @@ def meta_layout(root: Path) -> dict[str, tuple[dict, dict, str, int]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from evaluation import networks as en
+    from models import eval_networks as en
     from models import icnn, vdvae
     from models.versatile import UNetFlatConditionModel
     from pipeline.config import ICNNConfig, ModelsConfig

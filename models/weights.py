@@ -8,7 +8,7 @@
 Files land at the paths the config expects by default (``[models]``, ``[icnn]`` and the evaluation
 networks' file names; the iCNN archives are unpacked there), so no path needs editing afterwards.
 Downloads resume from ``.part`` files and a file appears only when complete and, where the source
-publishes a digest, when it matches (the same transport as the NSD downloader).
+publishes a digest, when it matches (``pipeline.http``, the same transport as the NSD downloader).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
-from prepare_data.download_nsd import RemoteFile, download
+from pipeline.http import RemoteFile, download
 
 HF = "https://huggingface.co/{repo}/resolve/main/{file}"
 VDVAE_URL = ("https://openaipublic.blob.core.windows.net/very-deep-vaes-assets/vdvae-assets-2/"
@@ -62,7 +62,7 @@ DEFAULT_GROUPS = ("vdvae", "clip", "versatile", "eval", "icnn")
 def groups(models_cfg=None) -> dict[str, list[RemoteFile]]:
     """Weight groups → files (keys relative to ``weights_dir``) with their URLs and published digests
     (torchvision's file names carry their sha256's first digits; the lab publishes md5s)."""
-    from evaluation.networks import WEIGHT_FILES
+    from models.eval_networks import WEIGHT_FILES
     from pipeline.config import ModelsConfig
 
     m = models_cfg or ModelsConfig()
@@ -110,7 +110,7 @@ def check(weights_dir: Path, only=None, device: str = "cpu") -> list[tuple[str, 
         return f"image UNet with {sum(p.numel() for p in comps.image_unet.parameters()):,} parameters (dual attention)"
 
     def evaluation():
-        from evaluation.networks import load_eval_networks
+        from models.eval_networks import load_eval_networks
 
         return ", ".join(load_eval_networks(weights_dir, device))
 

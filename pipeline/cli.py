@@ -1,4 +1,5 @@
-"""The command line shared by nsd_main.py, deeprecon_main.py, things_main.py and each step's main().
+"""The command line shared by the ``<dataset>_main.py`` scripts and each step's main() (via
+:mod:`pipeline.step_entry`).
 
 User mistakes end with one line on stderr and exit code 2 (the traceback only with ``--debug``).
 """
@@ -10,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, load_config
+from pipeline.config import DATASET_NAMES, Config, RunConfig, dataset_spec, load_config
 from pipeline.errors import UserError
 from pipeline.runner import STEP_NAMES, list_steps, run_pipeline, select_steps
 
@@ -77,8 +78,8 @@ def config_from_args(args: argparse.Namespace, dataset: str | None) -> Config:
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.raw_dir:
-        ds = dataset or "nsd"
-        if ds not in ("nsd", "deeprecon", "things"):
+        ds = dataset or RunConfig.dataset
+        if not dataset_spec(ds).raw_dir:
             raise UserError(f"--raw-dir: dataset {ds!r} has no raw_dir")
         overrides.append(f"{ds}.raw_dir={args.raw_dir}")
     return load_config(files, overrides + list(args.overrides))
@@ -159,9 +160,7 @@ def dataset_main(dataset: str, argv: list[str] | None = None) -> int:
     def go():
         cfg = config_from_args(args, dataset)
         if args.list_subjects:
-            from prepare_data.prepare import subject_table
-
-            print(subject_table(cfg))
+            print(dataset_spec(cfg.run.dataset).load().subject_table(cfg))
             return
         steps = select_steps(args.only, args.start)
         check_output_dirs(cfg, steps)
@@ -175,7 +174,7 @@ def step_main(step: str, argv: list[str] | None = None) -> int:
     """Entry point for running one step alone: ``python -m regression.ridge_step --dataset nsd``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser(None, prog=f"python -m <{step} module>", steps=False)
-    parser.add_argument("--dataset", required=True, choices=("nsd", "deeprecon", "things", "synthetic"))
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     parser.add_argument("--force", action="store_true", help="redo even when complete")
     args = parser.parse_args(argv)
     setup_logging(args.debug)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import re
 import tomllib
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+
+#: The unchanged training set's variant name (``run.variant``'s default; reserved, never built).
+BASE_VARIANT = "base"
 
 
 @dataclass
@@ -30,9 +34,9 @@ class PathsConfig:
 class RunConfig:
     dataset: str = "nsd"
     subjects: list[str] = field(default_factory=lambda: ["1", "2", "5", "7"])
-    variant: str = "base"  # a named training-set variant (experiments); 'base' = unchanged
+    variant: str = BASE_VARIANT  # a named training-set variant (experiments); 'base' = unchanged
     device: str = "auto"  # 'auto' → cuda if available else cpu; or 'cpu', 'cuda', 'cuda:1'
-    seed: int = 0
+    seed: int = 0  # draws of tools outside the steps (adversarial targets); each step has its own (pipeline/seeds.py)
     tiny_models: bool = False  # deprecated: use models.mode; kept true whenever models.mode is not "real"
 
 
@@ -93,6 +97,51 @@ class SyntheticConfig:
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------------------------
+# the dataset registry: every dataset declared once; its config section is the Config field of the
+# same name (above). CLI choices, prepare's dispatch, splits and step digest all derive from here.
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How the pipeline reaches one dataset.
+
+    ``module`` is the prepare module, by name (so ``pipeline/`` imports no dataset code); it provides
+    ``prepare_from_config(cfg, out_dir, subject, progress) -> summary dict`` and
+    ``subject_table(cfg) -> str`` (``--list-subjects``).
+    """
+
+    module: str
+    raw_dir: bool = True  # the section has ``raw_dir`` (the --raw-dir flag; prepare checks the folder first)
+    splits: tuple[str, ...] = ("train", "test")
+    optional_splits: tuple[tuple[str, str], ...] = ()  # (split, key of the section): made when that key is set
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "nsd": DatasetSpec("prepare_data.nsd"),
+    "deeprecon": DatasetSpec("prepare_data.deeprecon", optional_splits=(("art", "session_art"),)),
+    "things": DatasetSpec("prepare_data.things"),
+    "synthetic": DatasetSpec("prepare_data.synthetic", raw_dir=False),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"run.dataset: unknown dataset {name!r} ({', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def dataset_splits(cfg: "Config") -> list[str]:
+    """The common-format splits ``prepare`` writes for ``cfg``'s dataset."""
+    spec = dataset_spec(cfg.run.dataset)
+    section = getattr(cfg, cfg.run.dataset)
+    return [*spec.splits, *(split for split, key in spec.optional_splits if getattr(section, key))]
+
+
 @dataclass
 class FeaturesConfig:
     vdvae_groups: int = 31  # first 31 of 75 decoder groups → 91,168 dims
@@ -104,12 +153,12 @@ class FeaturesConfig:
 
 @dataclass
 class RidgeConfig:
-    fmri_scale: float = 300.0  # NSD betas are percent signal change × 300
+    fmri_scale: float = 300.0  # NSD betas are percent signal change × 300 (also regression.ridge.FMRI_SCALE)
     alpha_vdvae: float = 5e4
     alpha_cliptext: float = 1e5
     alpha_clipvision: float = 6e4
     rescale: bool = True  # transductive re-standardisation of test predictions (method.md §4.3)
-    max_memory_gb: float = 8.0
+    max_memory_gb: float = 8.0  # per-chunk working memory of the ridge passes (ridge step and iCNN decoders)
     cv: bool = False  # cross-validate alpha per target group instead of the reference alphas
     cv_alphas: list[float] = field(default_factory=lambda: [1e3, 1e4, 3e4, 5e4, 1e5, 3e5, 1e6])
     save_weights: bool = False
@@ -217,6 +266,10 @@ class Config:
         if p.is_absolute() or base is None:
             return p
         return Path(getattr(self.paths, base)).expanduser() / p
+
+    def optional_path(self, value: str, base: str | None = None) -> Path | None:
+        """:meth:`resolve_path`, with '' (not set) as None."""
+        return self.resolve_path(value, base) if value else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +396,6 @@ def load_config(paths: typing.Iterable[str | Path] = (), overrides: typing.Itera
 #: Names that become folder names (subjects, variants, experiments): letters, digits and ``._+=-``,
 #: not starting with a dot, so no name can climb out of its folder or hide as a dotfile.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,127}")
-DATASETS = ("nsd", "deeprecon", "things", "synthetic")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import io
+from pipeline.config import BASE_VARIANT
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
@@ -37,15 +38,11 @@ INFO = "variant.json"
 
 @dataclass
 class Variant:
-    name: str = "base"
+    name: str = BASE_VARIANT
     indices: np.ndarray | None = None
     captions: np.ndarray | None = None
     stim_clipvision: np.ndarray | None = None
     info: dict = field(default_factory=dict)
-
-    @property
-    def is_base(self) -> bool:
-        return self.indices is None and self.captions is None and self.stim_clipvision is None
 
     def changed_targets(self) -> list[str]:
         """Training targets that must be re-extracted (not merely subset) for this variant."""
@@ -60,8 +57,8 @@ class Variant:
 def write_variant(layout: Layout, kind: str, *, indices=None, captions=None, stim_clipvision=None,
                   **params) -> Path:
     """Write a variant's defining files (atomically, the info file last)."""
-    if layout.variant == "base":
-        raise UserError("the variant name 'base' is reserved for the unchanged training set")
+    if layout.variant == BASE_VARIANT:
+        raise UserError(f"the variant name {BASE_VARIANT!r} is reserved for the unchanged training set")
     d = layout.variant_dir()
     if indices is not None:
         indices = np.asarray(indices, dtype=np.int64)
@@ -77,12 +74,12 @@ def write_variant(layout: Layout, kind: str, *, indices=None, captions=None, sti
 
 
 def variant_exists(layout: Layout) -> bool:
-    return layout.variant == "base" or (layout.variant_dir() / INFO).is_file()
+    return layout.variant == BASE_VARIANT or (layout.variant_dir() / INFO).is_file()
 
 
 def load_variant(layout: Layout, n_train: int | None = None) -> Variant:
     """The variant of ``layout`` ('base' → no change); checks shapes against ``n_train``."""
-    if layout.variant == "base":
+    if layout.variant == BASE_VARIANT:
         return Variant()
     d = layout.variant_dir()
     if not (d / INFO).is_file():
@@ -109,7 +106,7 @@ def load_variant(layout: Layout, n_train: int | None = None) -> Variant:
 
 
 def variant_files(layout: Layout) -> list[Path]:
-    if layout.variant == "base":
+    if layout.variant == BASE_VARIANT:
         return []
     d = layout.variant_dir()
     return [d / n for n in (INFO, INDICES, CAPTIONS, STIM_CLIPVISION) if (d / n).is_file()]

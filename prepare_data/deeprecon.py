@@ -578,3 +578,27 @@ def _check_same_voxels(read: Mapping[str, dict]) -> None:
                     f"{other['path']}: ROI voxel coordinates (voxel_x/y/z) differ from {ref['path']}; "
                     f"all sessions of a subject must share one voxel set"
                 )
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's hooks (pipeline.config.DATASETS): options from the [deeprecon] config section
+
+
+def configured_sessions(section) -> dict[str, str]:
+    """{split: session name} of the config section; an empty session name drops that split."""
+    return {k: v for k, v in (("train", section.session_train), ("test", section.session_test),
+                              ("art", section.session_art)) if v}
+
+
+def prepare_from_config(cfg, out_dir: Path, subject: str, progress: bool = True) -> dict:
+    s = cfg.deeprecon
+    return prepare_subject(
+        cfg.resolve_path(s.raw_dir), out_dir, subject, file_pattern=s.file_pattern, sessions=configured_sessions(s),
+        roi=s.roi, image_dir=cfg.optional_path(s.image_dir), label_key=s.label_key,
+        captions=cfg.optional_path(s.captions), image_size=s.image_size or None, progress=progress)
+
+
+def subject_table(cfg) -> str:
+    s = cfg.deeprecon
+    sessions = configured_sessions(s)
+    return format_subject_table(list_subjects(cfg.resolve_path(s.raw_dir), s.file_pattern, sessions), sessions)

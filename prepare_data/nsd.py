@@ -389,3 +389,18 @@ def prepare_subject(
     sources = [raw_dir / EXPDESIGN, roi_path, *session_paths, stim_path, *caption_sources]
     cf.write_manifest(out_dir, **summary, raw_dir=str(raw_dir), sources=[str(p) for p in sources])
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's hooks (pipeline.config.DATASETS): options from the [nsd] config section
+
+
+def prepare_from_config(cfg, out_dir: Path, subject: str, progress: bool = True) -> dict:
+    s = cfg.nsd
+    return prepare_subject(cfg.resolve_path(s.raw_dir), out_dir, subject, n_sessions=s.n_sessions,
+                           captions=cfg.optional_path(s.captions), progress=progress)
+
+
+def subject_table(cfg) -> str:
+    found = subjects_present(cfg.resolve_path(cfg.nsd.raw_dir))
+    return "subjects with betas and an nsdgeneral ROI: " + (", ".join(map(str, found)) or "none")

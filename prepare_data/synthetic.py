@@ -143,3 +143,17 @@ def prepare_subject(out_dir: Path, subject: str, *, n_train: int = 96, n_test: i
                "n_voxels": n_voxels, "roi": "synthetic", "seed": seed, "subject_seed": subject_seed}
     write_manifest(out_dir, **summary)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's hooks (pipeline.config.DATASETS): options from the [synthetic] config section
+
+
+def prepare_from_config(cfg, out_dir: Path, subject: str, progress: bool = True) -> dict:
+    s = cfg.synthetic
+    return prepare_subject(out_dir, subject, n_train=s.n_train, n_test=s.n_test, n_voxels=s.n_voxels,
+                           image_size=s.image_size, noise=s.noise, seed=s.seed)
+
+
+def subject_table(cfg) -> str:
+    return "synthetic: any subject id (generated)"

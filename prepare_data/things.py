@@ -475,3 +475,20 @@ def prepare_subject(
     )
     summary["files"] = [str(p) for p in written] + [str(manifest)]
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's hooks (pipeline.config.DATASETS): options from the [things] config section
+
+
+def prepare_from_config(cfg, out_dir: Path, subject: str, progress: bool = True) -> dict:
+    s = cfg.things
+    opts = dict(image_dir=cfg.optional_path(s.image_dir), captions=cfg.optional_path(s.captions), source=s.source,
+                image_size=s.image_size, progress=progress)
+    if s.rois:
+        opts["rois"] = list(s.rois)
+    return prepare_subject(cfg.resolve_path(s.raw_dir), out_dir, subject, **opts)
+
+
+def subject_table(cfg) -> str:
+    return format_subject_table(list_subjects(cfg.resolve_path(cfg.things.raw_dir)))

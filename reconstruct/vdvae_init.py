@@ -1,13 +1,13 @@
 """Step 4, ``vdvae_init``: decode the predicted VDVAE latents into the blurry "initial guess".
 
 Groups 0..K−1 take the predicted latents, the remaining groups sample the prior at temperature 1,
-pixels are drawn from the mixture-of-logistics head (``pixels = "mean"``: its average);
-the 64×64 result is upsampled to 512×512 with PIL bicubic (method.md §2.4). Image i uses seed ``vdvae_init.seed + i``, so any image can be
-regenerated alone; a rerun continues from the first missing PNG.
+pixels are drawn from the mixture-of-logistics head (``pixels = "mean"``: its average); the 64×64
+result is upsampled to 512×512 with PIL bicubic (method.md §2.4). Image i uses seed
+``vdvae_init.seed + i``, so any image can be regenerated alone; a rerun of the same run makes only
+the missing PNGs (``pipeline.resume``).
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -16,15 +16,10 @@ from PIL import Image
 
 from models import load as load_models
 from pipeline import io
-from pipeline.cli import step_main
+from pipeline.seeds import per_image
+from pipeline.step_entry import step_main
 from pipeline.errors import UserError
-
-log = logging.getLogger("recon")
-
-
-def missing_indices(paths: list[Path], resume: bool) -> list[int]:
-    """Indices to (re)generate: the absent images when resuming the same run, else all of them."""
-    return [i for i, p in enumerate(paths) if not p.is_file()] if resume else list(range(len(paths)))
+from pipeline.resume import pending
 
 
 def run(ctx) -> None:
@@ -39,14 +34,11 @@ def run(ctx) -> None:
         raise UserError(f"{ctx.layout.prediction('vdvae')}: shape {latents.shape}, expected (n_test, {expected}) "
                         f"for {n_groups} VDVAE groups")
     paths = [ctx.layout.image("vdvae", i) for i in range(latents.shape[0])]
-    todo = missing_indices(paths, ctx.resume)
-    if len(todo) < len(paths):
-        log.info("[vdvae_init] %d of %d images exist, decoding the other %d", len(paths) - len(todo), len(paths),
-                 len(todo))
+    todo = pending(paths, ctx.resume, "vdvae_init", "decoding")
     for start in range(0, len(todo), c.batch_size):
         idx = todo[start:start + c.batch_size]
         images = decode_latents(model, np.asarray(latents[idx]), n_groups=n_groups, batch_size=c.batch_size,
-                                seeds=[c.seed + i for i in idx], progress=False, pixels=c.pixels)
+                                seeds=per_image(c.seed, idx), progress=False, pixels=c.pixels)
         for i, img in zip(idx, images):
             pil = Image.fromarray(img)
             if c.output_size != pil.width:

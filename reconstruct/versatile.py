@@ -4,9 +4,9 @@ predicted CLIP-vision and CLIP-text embeddings (method.md §5; every constant is
 1. load the init images (512 px PNGs of ``vdvae_init``) and the predicted embeddings
 2. pick the conditioning: predicted, or an ablation/control (``use_clip_*``, ``text_features``)
 3. unconditional pair: embedding of the empty text and of a uniform gray image
-4. ``models.versatile.img2img`` in batches: strength 0.75 of 50 DDIM steps, guidance 7.5,
+4. ``reconstruct.sampling.img2img`` in batches: strength 0.75 of 50 DDIM steps, guidance 7.5,
    vision 0.6 / text 0.4 dual attention
-5. write one PNG per test image as soon as its batch is done; a rerun continues from the missing
+5. write one PNG per test image as soon as its batch is done; a rerun makes only the missing ones
 
 Image i draws its noise from a generator seeded with ``versatile.seed + i``: results do not depend
 on batch size or on which images ran before. ``versatile.reference_rng = true`` instead replays the
@@ -14,7 +14,6 @@ reference's single ``torch.manual_seed(seed)`` stream, image after image (then a
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from tqdm.auto import tqdm
 
 from models import load as load_models
 from pipeline import io
-from pipeline.cli import step_main
+from pipeline.seeds import per_image
+from pipeline.step_entry import step_main
 from pipeline.errors import UserError
-from reconstruct.vdvae_init import missing_indices
+from pipeline.resume import pending
 
-log = logging.getLogger("recon")
 TEXT_FEATURES = ("predicted", "true", "shuffled")
 
 
@@ -103,7 +102,7 @@ def conditioning(ctx, clip) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch
 
 
 def run(ctx) -> None:
-    from models.versatile import BrainDiffuserRNG, img2img
+    from reconstruct.sampling import BrainDiffuserRNG, img2img
 
     v, layout = ctx.cfg.versatile, ctx.layout
     if not 0.0 <= v.strength <= 1.0 or not 0.0 <= v.mix_text <= 1.0:
@@ -118,11 +117,9 @@ def run(ctx) -> None:
     del clip
     n = len(vision)
     paths = [layout.image("versatile", i) for i in range(n)]
-    todo = missing_indices(paths, ctx.resume and not v.reference_rng)
+    todo = pending(paths, ctx.resume and not v.reference_rng, "versatile", "generating")
     if not todo:
         return
-    if len(todo) < n:
-        log.info("[versatile] %d of %d images exist, generating the other %d", n - len(todo), n, len(todo))
     init_paths = [layout.image("vdvae", i) for i in range(n)]
     components = load_models.versatile(ctx.cfg, ctx.device, dtype)
     reference = BrainDiffuserRNG(v.seed, ctx.device) if v.reference_rng else None
@@ -139,7 +136,7 @@ def run(ctx) -> None:
         else:  # "noise_image": a seeded random-pixel image encoded through AutoKL (~25 % survives strength 0.75)
             init = np.stack([np.random.default_rng([v.seed, i]).integers(0, 256, (size, size, 3), dtype=np.uint8)
                              for i in idx])
-        generators = None if reference else [torch.Generator("cpu").manual_seed(v.seed + i) for i in idx]
+        generators = None if reference else [torch.Generator("cpu").manual_seed(s) for s in per_image(v.seed, idx)]
         images = img2img(components, init, vision[idx], text[idx], vision_uncond, text_uncond,
                          strength=v.strength, num_inference_steps=v.num_inference_steps,
                          guidance_scale=v.guidance_scale, mix_text=mix_text, generators=generators,

@@ -7,7 +7,8 @@
 
 Written as float32 ``.npy`` files filled chunk by chunk (NSD CLIP-vision train is 7 GB). For a
 training-set variant only the targets the variant changes are extracted; everything else is
-reused from the base run (rows selected later by the ridge step).
+reused from the base run (rows selected later by the ridge step), which the runner brings up to
+date first (the step's ``needs_base``).
 """
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import load as load_models
-from pipeline import io
-from pipeline.cli import step_main
+from pipeline import io, seeds
 from pipeline.common_format import read_split
+from pipeline.config import BASE_VARIANT
 from pipeline.errors import UserError
 from pipeline.layout import TARGETS
+from pipeline.step_entry import step_main
 from pipeline.variant import load_variant, variant_files
 
 log = logging.getLogger("recon")
 CHUNK = 256  # images per CLIP chunk written to disk
-TEST_SEED_OFFSET = 1_000_000  # test images draw VDVAE posterior noise from their own seed range
 
 
 def _vdvae_features(model, stim, n_groups, batch_size, seed, path, progress):
@@ -102,7 +103,7 @@ def _warn_missing_captions(cap: np.ndarray, split: str) -> None:
 
 def run(ctx) -> None:
     cfg, layout, f = ctx.cfg, ctx.layout, ctx.cfg.features
-    if ctx.variant != "base":
+    if ctx.variant != BASE_VARIANT:
         _run_variant(ctx)
         return
     splits = {s: read_split(layout.data_dir, s, ctx.subject, parts=("stim", "cap")) for s in ("train", "test")}
@@ -114,7 +115,7 @@ def run(ctx) -> None:
         model = load_models.vdvae(cfg, ctx.device)
         for split in todo("vdvae"):
             _vdvae_features(model, splits[split].stim, f.vdvae_groups, f.vdvae_batch_size,
-                            f.seed + (TEST_SEED_OFFSET if split == "test" else 0),
+                            seeds.vdvae_posterior(cfg, split),
                             layout.features("vdvae", split), ctx.progress)
         del model
     if not (todo("cliptext") or todo("clipvision")):
@@ -130,11 +131,7 @@ def run(ctx) -> None:
 
 
 def _run_variant(ctx) -> None:
-    """Make sure the base features exist, then extract only what the variant changes."""
-    from pipeline.runner import Context, run_step, step_spec
-
-    base_ctx = Context(cfg=ctx.cfg, layout=ctx.layout.base, device=ctx.device, force=False, progress=ctx.progress)
-    run_step(step_spec("features"), base_ctx)
+    """Extract only what the variant changes (the base features exist: the runner ran them first)."""
     n_train = io.load_npy(ctx.layout.base.features("vdvae", "train"), mmap_mode="r").shape[0]
     variant = load_variant(ctx.layout, n_train)
     if not variant.changed_targets():
@@ -152,7 +149,7 @@ def _run_variant(ctx) -> None:
 
 
 def outputs(ctx) -> list[Path]:
-    if ctx.variant == "base":
+    if ctx.variant == BASE_VARIANT:
         return [ctx.layout.features(t, s) for t in TARGETS for s in ("train", "test")]
     variant = load_variant(ctx.layout)
     return [ctx.layout.features(t, "train") for t in variant.changed_targets()]
@@ -169,7 +166,7 @@ def inputs(ctx) -> list[Path]:
 def train_target_path(layout, target: str) -> Path:
     """The training-target file of ``layout``'s variant: its own re-extracted one, else the base run's."""
     own = layout.features(target, "train")
-    return own if (layout.variant != "base" and own.is_file()) else layout.base.features(target, "train")
+    return own if (layout.variant != BASE_VARIANT and own.is_file()) else layout.base.features(target, "train")
 
 
 def train_targets(layout, target: str, mmap: bool = True) -> np.ndarray:

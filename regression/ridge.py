@@ -50,10 +50,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import RidgeConfig
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 
-FMRI_SCALE = 300.0  # NSD betas are stored as percent signal change × 300 (method.md §1.1)
+# Defaults declared once, in the config ([ridge]): fMRI units (NSD betas are stored as percent
+# signal change × 300, method.md §1.1) and the per-chunk working-memory budget.
+FMRI_SCALE = RidgeConfig.fmri_scale
+MAX_MEMORY_GB = RidgeConfig.max_memory_gb
 
 # solver="auto": Cholesky per distinct alpha up to this many alphas, else one eigendecomposition.
 # Measured on the 2-core machine (float64, a loaded CPU): eigh of an n × n Gram matrix 7.1 s / 113 s
@@ -181,7 +185,7 @@ class MultiTargetRidge:
     """
 
     def __init__(self, alphas: Mapping[str, float] | float | None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float64, max_memory_gb: float = 8.0, rescale: bool = True,
+                 dtype: torch.dtype = torch.float64, max_memory_gb: float = MAX_MEMORY_GB, rescale: bool = True,
                  cv_alphas: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
                  progress: bool = True, solver: str = "auto"):
         self.alphas = alphas
@@ -489,7 +493,7 @@ class MultiTargetRidge:
             def part(r: slice) -> None:
                 host[r] = Y[r, sl]
 
-            def whole() -> None:  # array-likes such as icnn.RowSubset support [:, columns] only
+            def whole() -> None:  # array-likes such as reconstruct.icnn.decode.RowSubset support [:, columns] only
                 host[:] = Y[:, sl]
 
             if isinstance(Y, np.ndarray):

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import io
-from pipeline.cli import step_main
 from pipeline.common_format import part_path, read_split
+from pipeline.config import BASE_VARIANT
 from pipeline.errors import UserError
 from pipeline.layout import TARGETS
+from pipeline.step_entry import step_main
 from pipeline.variant import load_variant, variant_files
 from regression.extract_features import train_target_path, train_targets
 
@@ -56,16 +57,13 @@ def run(ctx) -> None:
     if r.save_weights:
         weights_dtype(r.weights_dtype)
     fit = list(TARGETS)
-    if ctx.variant != "base":
-        variant = load_variant(ctx.layout)
-        if variant.indices is None:  # same training rows: only re-fit the targets the variant changed
-            _ensure_base(ctx)
-            fit = variant.changed_targets()
-            for target in TARGETS:
-                if target not in fit:
-                    io.save_npy(ctx.layout.prediction(target), io.load_npy(ctx.layout.base.prediction(target)))
-            if not fit:
-                return
+    if needs_base(ctx):  # same training rows: only re-fit the targets the variant changed
+        fit = load_variant(ctx.layout).changed_targets()
+        for target in TARGETS:
+            if target not in fit:
+                io.save_npy(ctx.layout.prediction(target), io.load_npy(ctx.layout.base.prediction(target)))
+        if not fit:
+            return
     X, X_test, Y = training_data(ctx)
     Y = {t: Y[t] for t in fit}
     X, X_test, stats = normalise_fmri(X, X_test, scale=r.fmri_scale)
@@ -121,11 +119,10 @@ def save_normalisation(path: Path, stats: dict) -> Path:
     return path
 
 
-def _ensure_base(ctx) -> None:
-    from pipeline.runner import Context, run_step, step_spec
-
-    run_step(step_spec("ridge"), Context(cfg=ctx.cfg, layout=ctx.layout.base, device=ctx.device,
-                                         progress=ctx.progress))
+def needs_base(ctx) -> bool:
+    """A variant with the base training rows reuses the base run's predictions of the targets it
+    does not change (the runner runs the base ridge first); a row subset is fitted afresh."""
+    return ctx.variant != BASE_VARIANT and load_variant(ctx.layout).indices is None
 
 
 def outputs(ctx) -> list[Path]:

@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from local_http import LocalServer  # tests/ is on sys.path: this script's folder, or conftest
+from local_http import LocalServer  # tests/ is on sys.path: this script's folder, or pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -1,19 +1,28 @@
-"""Shared test set-up: repository root on sys.path, offline hub, quiet threads."""
+"""Shared test set-up: offline hub, quiet threads, the ``gpu`` marker.
+
+The repository root, ``tests/`` and ``benchmarks/`` are importable through pytest's ``pythonpath``
+(pyproject.toml), not through sys.path edits here.
+"""
 import os
-import sys
-from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 
-import pytest  # noqa: E402
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with one reason, where PyTorch sees no CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

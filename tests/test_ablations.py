@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models import load as load_models
-from models.versatile import img2img
+from reconstruct.sampling import img2img
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.layout import Layout

@@ -172,7 +172,7 @@ def test_perturb_dataset_resumes_and_load_perturbed_reorders(obj, images, tmp_pa
 
 
 def test_cli_and_variant_builder(images, tmp_path):
-    from pipeline import experiment as ex
+    from experiments import builders as ex
     from pipeline.config import load_config
     from pipeline.layout import Layout
 
@@ -195,7 +195,7 @@ def test_cli_and_variant_builder(images, tmp_path):
 
 
 def test_adv_pert_experiment_file():
-    from pipeline.experiment import load_experiment
+    from experiments.grid import load_experiment
 
     exp = load_experiment("adv_pert_deeprecon")
     pert = [dict(v.params) for v in exp.variants if v.method == "perturbed"]

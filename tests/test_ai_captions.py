@@ -397,7 +397,7 @@ def _cfg_layout(tmp_path, subject="1"):
 
 
 def test_experiment_builders_use_these_functions(tmp_path):
-    from pipeline import experiment as ex
+    from experiments import builders as ex
     from pipeline import io
 
     ids = np.array(["a", "b", "c"])
@@ -414,7 +414,7 @@ def test_experiment_builders_use_these_functions(tmp_path):
 
 @pytest.mark.parametrize("name", ["ai_captions_deeprecon", "mixing_deeprecon", "captions_demo"])
 def test_experiment_files_expand(name):
-    from pipeline.experiment import load_experiment
+    from experiments.grid import load_experiment
 
     exp = load_experiment(name)
     cfg = exp.config()
@@ -536,7 +536,7 @@ def test_ai_caption_variant_with_failed_requests_is_not_built(tmp_path, monkeypa
     """The experiment's ai_captions builder against a server answering 400: the builder fails with the
     summary (no variant captions, no '' training captions), and succeeds on a rerun once the server
     answers, asking only for the failed pairs."""
-    from pipeline import experiment as ex
+    from experiments import builders as ex
 
     images = _images(3)
     ids = np.array(["a", "b", "c"])

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from memory import AnonPeak, anon_now_bytes  # benchmarks/ is on pytest's pythonpath
 
-from memory import AnonPeak, anon_now_bytes  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_anon_peak_sees_a_short_lived_allocation_but_not_a_mapped_file(tmp_path):

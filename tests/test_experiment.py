@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import re_recon_main
-from pipeline import experiment as ex
+from experiments import builders, grid
+from experiments import tasks as ex
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -35,17 +36,17 @@ def test_grid_expansion_names_and_overrides(tmp_path):
         method = "settings"
         "versatile.strength" = 0.123456789
     """)
-    exp = ex.load_experiment(str(path))
+    exp = grid.load_experiment(str(path))
     names = [v.name for v in exp.variants]
     assert names[0] == "base" and len(names) == 1 + 4 + 2 + 1
     assert "random_fraction-0.25_draw-1" in names and "settings_mix_text-0.99" in names
     tasks = ex.all_tasks(exp)
     assert len(tasks) == 16 and tasks[0].name == "sub1__base"
     mix = next(v for v in exp.variants if v.name == "settings_mix_text-0")
-    cfg = ex.task_config(exp, ex.Task(exp.name, "1", mix))
+    cfg = ex.task_config(exp, grid.Task(exp.name, "1", mix))
     assert cfg.versatile.mix_text == 0.0 and cfg.run.variant == "settings_mix_text-0"
     precise = next(v for v in exp.variants if v.name.startswith("settings_strength"))
-    assert ex.task_config(exp, ex.Task(exp.name, "1", precise)).versatile.strength == 0.123456789  # not rounded
+    assert ex.task_config(exp, grid.Task(exp.name, "1", precise)).versatile.strength == 0.123456789  # not rounded
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -55,12 +56,12 @@ def test_grid_expansion_names_and_overrides(tmp_path):
 ])
 def test_bad_experiment_files(tmp_path, body, needle):
     with pytest.raises(UserError, match=needle):
-        ex.load_experiment(str(_write(tmp_path, body)))
+        grid.load_experiment(str(_write(tmp_path, body)))
 
 
 def test_unknown_experiment_lists_known_ones():
     with pytest.raises(UserError, match="dropout_demo"):
-        ex.load_experiment("no_such_experiment")
+        grid.load_experiment("no_such_experiment")
 
 
 def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
@@ -152,11 +153,11 @@ def test_variant_keys_names_and_values_are_checked_when_the_file_is_read(tmp_pat
                          ('method = "settings"\n"versatile.strenght" = 0.5\n', "unknown key versatile.strenght"),
                          ('method = "settings"\n"versatile.mix_text" = 1.5\n', "versatile.mix_text: expected")]:
         with pytest.raises(UserError, match=needle):
-            ex.load_experiment(str(_write(tmp_path, head + body)))
+            grid.load_experiment(str(_write(tmp_path, head + body)))
     with pytest.raises(UserError, match="experiment name"):
         bad = tmp_path / ".hidden.toml"
         bad.write_text(head + 'method = "settings"\n')
-        ex.load_experiment(str(bad))
+        grid.load_experiment(str(bad))
 
 
 def test_slurm_path_up_to_submission(tmp_path):
@@ -180,10 +181,10 @@ def test_generating_builders_for_captions_and_perturbations(tmp_path):
                            "run.device=cpu"])
     layout = Layout(cfg, "1", "v")
     prepare_subject(layout.data_dir, "1", n_train=6, n_test=2, n_voxels=8, image_size=32)
-    caps = ex.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
+    caps = builders.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
     assert caps.shape == (6, 1) and all("surrounded by" in c for c in caps[:, 0])
     assert (tmp_path / "synthetic" / "ai_captions" / "template" / "generate_log.jsonl").is_file()
-    again = ex.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
+    again = builders.BUILDERS["ai_captions"](layout, cfg, prompt="low_short")["captions"]
     np.testing.assert_array_equal(caps, again)
-    stim = ex.BUILDERS["perturbed"](layout, cfg, mode="adversarial", attack="fgsm", eps=0.03)["stim_clipvision"]
+    stim = builders.BUILDERS["perturbed"](layout, cfg, mode="adversarial", attack="fgsm", eps=0.03)["stim_clipvision"]
     assert stim.dtype == np.uint8 and stim.shape[0] == 6 and stim.shape[-1] == 3

@@ -5,6 +5,8 @@ iterations keep the file fast on two CPU cores.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +16,9 @@ from pipeline.common_format import subject_dir
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.runner import Context
+from pipeline.runner import Context, run_step, step_spec
 from reconstruct import icnn as step
+from reconstruct.icnn import common, decode, recon
 
 SIZE = 64
 
@@ -30,8 +33,8 @@ def nets():
 def _targets_from_code(enc, gen, layers, seed=99, n=1):
     """Features of images the generator can produce (a reachable optimum)."""
     code = torch.randn(n, gen.defc7.in_features, generator=torch.Generator().manual_seed(seed)).abs()
-    with step.FeatureTaps(enc, layers) as taps, torch.no_grad():
-        return taps(step.centre_crop(gen(code), SIZE))
+    with common.FeatureTaps(enc, layers) as taps, torch.no_grad():
+        return taps(common.centre_crop(gen(code), SIZE))
 
 
 # ------------------------------------------------------------------------------- architectures
@@ -52,7 +55,7 @@ def test_tiny_models_are_seeded_and_layer_map_addresses_them(nets):
     enc, gen = nets
     again = m.tiny_generator()
     assert all(torch.equal(p, q) for p, q in zip(gen.state_dict().values(), again.state_dict().values()))
-    shapes = step.unit_shapes(enc, ["conv1_1", "conv5_4", "fc6", "fc8"], SIZE, "cpu")
+    shapes = common.unit_shapes(enc, ["conv1_1", "conv5_4", "fc6", "fc8"], SIZE, "cpu")
     assert shapes == {"conv1_1": (4, 64, 64), "conv5_4": (8, 4, 4), "fc6": (32,), "fc8": (10,)}
     with torch.no_grad():
         out = gen(torch.rand(2, 64))
@@ -61,19 +64,19 @@ def test_tiny_models_are_seeded_and_layer_map_addresses_them(nets):
 
 
 def test_check_layers_orders_and_rejects():
-    assert step.check_layers(["fc7", "conv1_1", "conv3_2", "fc7"]) == ["conv1_1", "conv3_2", "fc7"]
+    assert common.check_layers(["fc7", "conv1_1", "conv3_2", "fc7"]) == ["conv1_1", "conv3_2", "fc7"]
     with pytest.raises(UserError, match="conv9_9"):
-        step.check_layers(["conv1_1", "conv9_9"])
+        common.check_layers(["conv1_1", "conv9_9"])
 
 
 def test_preprocess_and_deprocess_round_trip():
     img = np.random.default_rng(0).integers(30, 220, size=(1, SIZE, SIZE, 3), dtype=np.uint8)
-    x = step.preprocess_images(img, SIZE)  # same size: no resampling
+    x = common.preprocess_images(img, SIZE)  # same size: no resampling
     assert x.shape == (1, 3, SIZE, SIZE) and x.dtype == torch.float32
     # BGR order, Caffe mean subtracted
     np.testing.assert_allclose(x[0, 0].numpy(), img[0, :, :, 2] - 104.0)
     np.testing.assert_allclose(x[0, 2].numpy(), img[0, :, :, 0] - 123.0)
-    back = step.deprocess_image(x[0].numpy())
+    back = common.deprocess_image(x[0].numpy())
     assert back.shape == (SIZE, SIZE, 3) and back.dtype == np.uint8 and back.min() == 0 and back.max() == 255
     # a monotone stretch of each value: correlation with the input stays ~1
     assert np.corrcoef(back.ravel().astype(float), img[0].ravel().astype(float))[0, 1] > 0.97
@@ -85,16 +88,16 @@ def test_feature_std_and_scaling_follow_the_lab_rule():
     rng = np.random.default_rng(1)
     conv = rng.normal(2.0, 3.0, size=(5, 4, 6, 6))
     expected = np.array([np.mean([np.std(c, ddof=1) for c in s]) for s in conv])
-    np.testing.assert_allclose(step.feature_std(conv), expected)
+    np.testing.assert_allclose(common.feature_std(conv), expected)
     fc = rng.normal(size=(5, 20))
-    np.testing.assert_allclose(step.feature_std(fc), fc.std(axis=1, ddof=1))
+    np.testing.assert_allclose(common.feature_std(fc), fc.std(axis=1, ddof=1))
 
     pred, mean = rng.normal(size=(4, 6, 6)), rng.normal(size=(4, 6, 6))
-    out = step.scale_decoded(pred, mean, reference_std=7.5)
+    out = decode.scale_decoded(pred, mean, reference_std=7.5)
     a = pred - mean  # the lab: centre on the training mean, divide by the mean channel SD, × reference
     lab = a / np.mean([np.std(c, ddof=1) for c in a]) * 7.5 + mean
     np.testing.assert_allclose(out, lab, rtol=1e-5)
-    assert step.feature_std((out - mean)[None])[0] == pytest.approx(7.5, rel=1e-5)
+    assert common.feature_std((out - mean)[None])[0] == pytest.approx(7.5, rel=1e-5)
 
 
 def _regression_data(n=30, p=12, m_test=4, seed=0):
@@ -111,7 +114,7 @@ def test_decode_all_voxels_matches_sklearn_and_returns_training_mean():
     from sklearn.linear_model import Ridge
 
     X, Xt, Y = _regression_data()
-    preds, means = step.decode_features(X, Xt, Y, alpha=3.0, progress=False)
+    preds, means = decode.decode_features(X, Xt, Y, alpha=3.0, progress=False)
     for layer, y in Y.items():
         flat = y.reshape(len(y), -1)
         ref = Ridge(alpha=3.0).fit(X, flat).predict(Xt).reshape((len(Xt),) + y.shape[1:])
@@ -126,8 +129,8 @@ def test_decode_row_subset_equals_explicit_rows(tmp_path):
     path = tmp_path / "conv.npy"
     np.save(path, Y["conv1_1"].astype(np.float32))
     mm = np.load(path, mmap_mode="r")
-    lazy, lazy_mean = step.decode_features(X[idx], Xt, {"c": step.RowSubset(mm, idx)}, alpha=2.0, progress=False)
-    full, full_mean = step.decode_features(X[idx], Xt, {"c": np.asarray(mm[idx])}, alpha=2.0, progress=False)
+    lazy, lazy_mean = decode.decode_features(X[idx], Xt, {"c": decode.RowSubset(mm, idx)}, alpha=2.0, progress=False)
+    full, full_mean = decode.decode_features(X[idx], Xt, {"c": np.asarray(mm[idx])}, alpha=2.0, progress=False)
     np.testing.assert_array_equal(lazy["c"], full["c"])
     np.testing.assert_array_equal(lazy_mean["c"], full_mean["c"])
 
@@ -137,7 +140,7 @@ def test_decode_with_voxel_selection_uses_top_correlated_voxels_per_unit():
 
     X, Xt, Y = _regression_data(n=40, p=15)
     y = Y["fc7"]
-    preds, means = step.decode_features(X, Xt, {"fc7": y}, alpha=10.0, n_voxels=5, progress=False)
+    preds, means = decode.decode_features(X, Xt, {"fc7": y}, alpha=10.0, n_voxels=5, progress=False)
     assert preds["fc7"].shape == (len(Xt), 7)
     np.testing.assert_allclose(means["fc7"], y.mean(0), rtol=1e-6)
     for j in (0, 4):  # independent per-unit computation: top-5 |r| voxels, ridge on z-scored data
@@ -154,14 +157,14 @@ def test_optimisation_lowers_the_feature_loss(nets):
     enc, gen = nets
     layers = ["conv1_2", "conv3_1", "conv4_1", "fc6"]
     targets = _targets_from_code(enc, gen, layers)
-    images, hist = step.reconstruct(targets, enc, gen, seeds=[0], latent_dim=64, n_iter=15, image_size=SIZE,
+    images, hist = recon.reconstruct(targets, enc, gen, seeds=[0], latent_dim=64, n_iter=15, image_size=SIZE,
                                     lr=(0.5, 1e-10), progress=False)
     assert images.shape == (1, 3, SIZE, SIZE) and hist.shape == (15, 1)
     assert hist[-1, 0] < 0.5 * hist[0, 0]
     # the returned image is the last one evaluated: its loss is the last entry
-    with step.FeatureTaps(enc, layers) as taps, torch.no_grad():
+    with common.FeatureTaps(enc, layers) as taps, torch.no_grad():
         feats = taps(images)
-    w = step.layer_weights(targets)
+    w = recon.layer_weights(targets)
     loss = sum(float(w[l][0]) * float(((feats[l] - targets[l]) ** 2).sum()) for l in layers)
     assert loss == pytest.approx(hist[-1, 0], rel=1e-4)
 
@@ -177,9 +180,9 @@ def test_batched_loop_equals_bdpy_reconstruct_per_image(nets, tmp_path):
     targets = _targets_from_code(enc, gen, layers, n=2)
     z0 = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     kw = dict(n_iter=4, lr=(2.0, 1e-10), momentum=(0.9, 0.9), decay=(0.01, 0.01))
-    ours, hist = step.reconstruct(targets, enc, gen, seeds=[5, 6], latent_dim=64, image_size=SIZE,
+    ours, hist = recon.reconstruct(targets, enc, gen, seeds=[5, 6], latent_dim=64, image_size=SIZE,
                                   lower_bound=0.0, progress=False, **kw)
-    w = step.layer_weights(targets)
+    w = recon.layer_weights(targets)
     theirs, their_hist = bdpy_reconstruct(
         {l: t[:1].numpy() for l, t in targets.items()}, enc, layer_mapping=layer_map("vgg19"), generator=gen,
         optimizer=optim.SGD, layer_weights={l: float(w[l][0]) for l in layers}, image_size=(SIZE, SIZE, 3),
@@ -209,19 +212,18 @@ def synthetic(tmp_path_factory):
     return root
 
 
-def test_step_writes_features_predictions_images_and_resumes(synthetic):
+def test_step_writes_features_predictions_images_and_resumes(synthetic, caplog):
     from PIL import Image
 
     cfg = _config(synthetic)
     ctx = Context(cfg, Layout(cfg, "1"), device="cpu", progress=False)
     step.run(ctx)
-    layers = step.check_layers(cfg.icnn.layers)
     assert all(p.is_file() for p in step.outputs(ctx))
-    assert np.load(step.feature_path(ctx.layout, "conv3_1", "train")).shape == (24, 8, 16, 16)
-    assert np.load(step.feature_path(ctx.layout, "fc7", "test")).shape == (3, 32)
-    pred = np.load(step.prediction_path(ctx.layout, "conv1_2"))
+    assert np.load(ctx.layout.icnn_features("conv3_1", "train")).shape == (24, 8, 16, 16)
+    assert np.load(ctx.layout.icnn_features("fc7", "test")).shape == (3, 32)
+    pred = np.load(ctx.layout.icnn_prediction("conv1_2"))
     assert pred.shape == (3, 4, SIZE, SIZE) and pred.dtype == np.float32 and np.isfinite(pred).all()
-    paths = step.image_paths(ctx)
+    paths = common.image_paths(ctx)
     assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png"]
     first = [np.asarray(Image.open(p)) for p in paths]
     assert all(a.shape == (SIZE, SIZE, 3) and a.dtype == np.uint8 for a in first)
@@ -229,15 +231,17 @@ def test_step_writes_features_predictions_images_and_resumes(synthetic):
 
     # resumability: only the deleted image is redone, bit-identically (seed + index)
     stamps = {p: p.stat().st_mtime_ns for p in paths}
-    feat_stamp = step.feature_path(ctx.layout, "fc7", "train").stat().st_mtime_ns
+    feat_stamp = ctx.layout.icnn_features("fc7", "train").stat().st_mtime_ns
     paths[1].unlink()
     ctx2 = Context(cfg, Layout(cfg, "1"), device="cpu", progress=False)
-    assert step.reconstruct_images(ctx2, m.load_icnn_models(cfg), layers,
-                                   step.ensure_features(ctx2, m.tiny_vgg19(), layers)) == [1]
-    assert step.ensure_decoded(ctx2, layers) is False  # decoding is not redone either
+    with caplog.at_level(logging.INFO, logger="recon"):
+        assert run_step(step_spec("icnn_recon"), ctx2) is True
+    assert ctx2.resume and "2 of 3 images exist, reconstructing the other 1" in caplog.text  # == [1]
+    assert run_step(step_spec("icnn_features"), ctx2) is False  # the features are not redone
+    assert run_step(step_spec("icnn_decode"), ctx2) is False  # decoding is not redone either
     assert paths[0].stat().st_mtime_ns == stamps[paths[0]] and paths[2].stat().st_mtime_ns == stamps[paths[2]]
     np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), first[1])
-    assert step.feature_path(ctx.layout, "fc7", "train").stat().st_mtime_ns == feat_stamp
+    assert ctx.layout.icnn_features("fc7", "train").stat().st_mtime_ns == feat_stamp
 
     # changed reconstruction settings make the old images stale
     cfg3 = _config(synthetic, "icnn.n_iter=1")
@@ -251,18 +255,18 @@ def test_variant_reuses_base_features_and_decodes_its_rows(synthetic):
     cfg = _config(synthetic)
     base = Context(cfg, Layout(cfg, "1"), device="cpu", progress=False)
     step.run(base)  # complete (or completes) the base run
-    stamp = step.feature_path(base.layout, "conv1_2", "train").stat().st_mtime_ns
+    stamp = base.layout.icnn_features("conv1_2", "train").stat().st_mtime_ns
     layout = Layout(cfg, "1", "half")
     write_variant(layout, "random", indices=np.arange(0, 24, 2))
     ctx = Context(cfg, layout, device="cpu", progress=False)
     step.run(ctx)
-    assert step.feature_path(layout, "conv1_2", "train") == step.feature_path(base.layout, "conv1_2", "train")
-    assert step.feature_path(layout, "conv1_2", "train").stat().st_mtime_ns == stamp
-    assert all(p.is_file() for p in step.image_paths(ctx))
-    mean_half = np.load(step.train_mean_path(layout, "fc7"))
-    feats = np.load(step.feature_path(base.layout, "fc7", "train"))
+    assert layout.icnn_features("conv1_2", "train") == base.layout.icnn_features("conv1_2", "train")
+    assert layout.icnn_features("conv1_2", "train").stat().st_mtime_ns == stamp
+    assert all(p.is_file() for p in common.image_paths(ctx))
+    mean_half = np.load(layout.icnn_train_mean("fc7"))
+    feats = np.load(base.layout.icnn_features("fc7", "train"))
     np.testing.assert_allclose(mean_half, feats[::2].mean(0), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(np.load(step.prediction_path(layout, "fc7")), np.load(step.prediction_path(base.layout, "fc7")))
+    assert not np.allclose(np.load(layout.icnn_prediction("fc7")), np.load(base.layout.icnn_prediction("fc7")))
 
 
 def test_missing_real_weights_is_a_user_error(synthetic):
@@ -301,3 +305,29 @@ def test_fits_the_step_runner(synthetic):
     assert run_step(spec, ctx) is False
     cfg2 = _config(synthetic, "icnn.alpha=50")
     assert is_complete(spec, Context(cfg2, Layout(cfg2, "1"), device="cpu")) == (False, "configuration changed")
+
+
+def test_stages_keep_runner_records_and_redo_only_what_a_change_reaches(synthetic):
+    """No private state files: each stage has its <stage>.done.json (features in the base run), and a
+    reconstruction setting redoes icnn_recon only, a decoding setting icnn_decode and icnn_recon."""
+    from pipeline.runner import is_complete
+
+    cfg = _config(synthetic)
+    base = Layout(cfg, "1")
+    run_step(step_spec("icnn"), Context(cfg, base, device="cpu", progress=False))
+    for name in step.STAGES:
+        assert base.record(name).is_file()
+    assert base.record("icnn_features").parent == base.run_dir
+    half = Context(cfg, Layout(cfg, "1", "half"), device="cpu", progress=False)  # shared by variants:
+    assert not step_spec("icnn_features").per_variant and is_complete(step_spec("icnn_features"), half)[0]
+    assert not list(base.run_dir.rglob("extract.json")) and not list(base.run_dir.rglob("recon.json"))
+    stamps = {n: base.record(n).stat().st_mtime_ns for n in step.STAGES}
+
+    for extra, redone in (("icnn.n_iter=2", {"icnn_recon"}), ("icnn.alpha=30", {"icnn_decode", "icnn_recon"})):
+        cfg2 = _config(synthetic, extra)
+        ctx = Context(cfg2, Layout(cfg2, "1"), device="cpu", progress=False)
+        assert is_complete(step_spec("icnn_features"), ctx) == (True, "complete")
+        assert run_step(step_spec("icnn"), ctx) is True
+        now = {n: base.record(n).stat().st_mtime_ns for n in step.STAGES}
+        assert {n for n in step.STAGES if now[n] != stamps[n]} == redone
+        stamps = now

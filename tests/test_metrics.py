@@ -27,7 +27,7 @@ from evaluation.metrics import (
     ssim,
     two_way_identification,
 )
-from evaluation.networks import (
+from models.eval_networks import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,

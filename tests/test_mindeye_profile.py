@@ -35,7 +35,7 @@ from skimage.metrics import structural_similarity
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from evaluation.metrics import compute_metrics
-from evaluation.networks import load_eval_networks
+from models.eval_networks import load_eval_networks
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,7 +6,7 @@ import pytest
 
 from evaluation.metrics import METRICS
 from evaluation.paper_tables import load_reference, render, write_paper_tables
-from pipeline.experiment import load_experiment
+from experiments.grid import load_experiment
 
 IDENT = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP")
 

@@ -293,7 +293,6 @@ def test_bad_inputs_raise_user_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_cuda_equals_cpu(solver):
     X, Xt, targets = _data(*REGIMES["dual"])

@@ -72,3 +72,42 @@ def test_bad_weights_dtype_is_a_user_error_before_the_fit(features_done):
     # config validation catches it when the config loads, before any step (the step checks too)
     with pytest.raises(UserError, match="ridge.weights_dtype"):
         ridge_step.run(_ctx(_cfg(features_done, "ridge.save_weights=true", "ridge.weights_dtype=int8")))
+
+
+# ---------------------------------------------------------------------------------------------
+# variants: the runner brings the base ridge up to date first only when the variant reuses it
+
+
+@pytest.fixture
+def variant_setup(tmp_path):
+    cfg = _cfg(tmp_path)
+    for step in ("prepare", "features"):
+        run_step(step_spec(step), _ctx(cfg))
+    return cfg
+
+
+def test_a_settings_variant_reuses_the_base_predictions_the_runner_made_first(variant_setup):
+    from pipeline import io
+    from pipeline.variant import write_variant
+
+    cfg = variant_setup
+    layout = Layout(cfg, "1", "same_rows")
+    write_variant(layout, "settings")
+    assert not layout.base.record("ridge").exists()
+    assert run_step(step_spec("ridge"), Context(cfg=cfg, layout=layout, device="cpu", progress=False)) is True
+    assert layout.base.record("ridge").is_file()
+    for t in TARGETS:  # copied, not re-fitted
+        assert np.array_equal(io.load_npy(layout.prediction(t)), io.load_npy(layout.base.prediction(t)))
+
+
+def test_a_row_subset_is_fitted_afresh_without_the_base_ridge(variant_setup):
+    from pipeline import io
+    from pipeline.variant import write_variant
+
+    cfg = variant_setup
+    layout = Layout(cfg, "1", "half")
+    write_variant(layout, "random", indices=np.arange(0, 24, 2))
+    assert run_step(step_spec("ridge"), Context(cfg=cfg, layout=layout, device="cpu", progress=False)) is True
+    assert not layout.base.record("ridge").exists()
+    run_step(step_spec("ridge"), _ctx(cfg))
+    assert not np.allclose(io.load_npy(layout.prediction("vdvae")), io.load_npy(layout.base.prediction("vdvae")))

@@ -89,3 +89,32 @@ def test_synthetic_data_is_learnable():
     r = [np.corrcoef(p, t)[0, 1] for p, t in zip(pred, coarse(test.stim))]
     assert np.mean(r) > 0.5
     assert train.cap[7, 0] != "" and any("photo" in c or "picture" in c for c in train.cap[:, 1])
+
+
+def test_prepare_digest_covers_only_the_runs_own_dataset_section(tmp_path):
+    """The one intended change of issue 19: another dataset's section (nsd.*, things.*) no longer
+    marks a prepared subject incomplete; its own section still does."""
+    cfg = _cfg(tmp_path)
+    spec = step_spec("prepare")
+    run_step(spec, _ctx(cfg))
+    assert is_complete(spec, _ctx(_cfg(tmp_path, "nsd.n_sessions=40", "things.image_size=64")))[0]
+    assert is_complete(spec, _ctx(_cfg(tmp_path, "synthetic.noise=0.9")))[1] == "configuration changed"
+    assert spec.config_digest(cfg) == cfg.digest(["run.dataset", "synthetic"])
+
+
+def test_dataset_registry_drives_splits_and_cli_choices(tmp_path, capsys):
+    from pipeline.common_format import PARTS
+    from pipeline.config import DATASET_NAMES, dataset_splits
+    from prepare_data import prepare
+
+    assert DATASET_NAMES == ("nsd", "deeprecon", "things", "synthetic")
+    deeprecon = load_config([], ["run.dataset=deeprecon"])
+    assert dataset_splits(deeprecon) == ["train", "test", "art"]
+    no_art = load_config([], ["run.dataset=deeprecon", "deeprecon.session_art="])
+    assert dataset_splits(no_art) == ["train", "test"]
+    outputs = prepare.outputs(Context(cfg=no_art, layout=Layout(no_art, "TH")))
+    assert not [p for p in outputs if "_art_" in p.name] and len(outputs) == 1 + 2 * len(PARTS)
+    rc = dataset_main("synthetic", ["--raw-dir", str(tmp_path), "--list-subjects"])
+    assert rc == 2 and "--raw-dir: dataset 'synthetic' has no raw_dir" in capsys.readouterr().err
+    assert dataset_main("synthetic", ["--list-subjects"]) == 0
+    assert capsys.readouterr().out.strip() == "synthetic: any subject id (generated)"

@@ -202,10 +202,11 @@ def test_grid_through_real_sbatch(tmp_path, slurm, main):
 def test_a_running_record_whose_process_is_gone_reads_interrupted(tmp_path):
     """No SLURM needed: the record says 'running' but its process has ended (SIGKILL skips the
     task's own failure handler), so --status must not keep saying 'running'."""
-    from pipeline import experiment as ex
+    from experiments import tasks as ex
+    from experiments.grid import load_experiment
     from pipeline import io
 
-    exp = ex.load_experiment(str(_grid(tmp_path)))
+    exp = load_experiment(str(_grid(tmp_path)))
     task = ex.all_tasks(exp)[0]
     cfg = ex.task_config(exp, task)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -1,4 +1,4 @@
-"""Tests for models/versatile.py: tiny random Versatile Diffusion, Brain-Diffuser img2img arithmetic."""
+"""Tests for models/versatile.py (tiny random Versatile Diffusion, the dual-attention network) and reconstruct/sampling.py (Brain-Diffuser img2img arithmetic)."""
 import json
 import math
 
@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler
 from diffusers.models import DualTransformer2DModel
 
 from models import versatile as vd
+from reconstruct import sampling as sampler
 from pipeline.errors import UserError
 
 D = 32  # tiny CLIP projection dim (768 in the real model)
@@ -131,10 +132,10 @@ def test_mixing_matches_brain_diffuser_residual_formula(comps):
 
 # ----------------------------------------------------------------------------- schedule constants
 def test_fifty_step_schedule_constants(comps):
-    ac = vd.vd_alphas_cumprod(comps.scheduler)
+    ac = sampler.vd_alphas_cumprod(comps.scheduler)
     np.testing.assert_allclose(ac.numpy(), bd_alphas_cumprod(), rtol=0, atol=0)
     torch.testing.assert_close(ac.float(), comps.scheduler.alphas_cumprod, atol=1e-6, rtol=1e-5)
-    s = vd.img2img_schedule(ac, 50, 0.75)
+    s = sampler.img2img_schedule(ac, 50, 0.75)
     assert s.ddim_timesteps == tuple(range(1, 1000, 20))
     ddim = DDIMScheduler.from_config(comps.scheduler.config)
     ddim.set_timesteps(50)
@@ -145,11 +146,11 @@ def test_fifty_step_schedule_constants(comps):
     assert s.alpha[0] == pytest.approx(bd_alphas_cumprod()[721], abs=0)
     assert s.alpha_prev[:-1] == s.alpha[1:]
     assert s.alpha_prev[-1] == pytest.approx(bd_alphas_cumprod()[0], abs=0)  # after t = 1: ᾱ_0, not 1
-    no_offset = vd.img2img_schedule(ac, 50, 0.75, reference_offset=False)
+    no_offset = sampler.img2img_schedule(ac, 50, 0.75, reference_offset=False)
     assert no_offset.noise_timestep == 721 and no_offset.timesteps == s.timesteps
-    assert vd.img2img_schedule(ac, 50, 1.0, reference_offset=False).noise_timestep == 981
+    assert sampler.img2img_schedule(ac, 50, 1.0, reference_offset=False).noise_timestep == 981
     with pytest.raises(UserError, match="reference_offset"):
-        vd.img2img_schedule(ac, 50, 1.0)
+        sampler.img2img_schedule(ac, 50, 1.0)
 
 
 # ----------------------------------------------------------------------------- img2img
@@ -158,7 +159,7 @@ def run(c, inp, **kw):
     kw.setdefault("progress", False)
     if "reference_rng" not in kw:
         kw.setdefault("generators", gens())
-    return vd.img2img(c, **inp, **kw)
+    return sampler.img2img(c, **inp, **kw)
 
 
 def test_img2img_matches_hand_written_reference_loop(comps, inputs):
@@ -174,15 +175,15 @@ def test_init_latents_start_the_loop_without_the_encoder(comps, inputs):
     """The "w/o VDVAE" path: given latents are noised and denoised exactly like encoded ones."""
     z0 = torch.randn(N, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     no_images = {k: v for k, v in inputs.items() if k != "init_images"}
-    got = vd.img2img(comps, None, **no_images, num_inference_steps=STEPS, progress=False, generators=gens(),
+    got = sampler.img2img(comps, None, **no_images, num_inference_steps=STEPS, progress=False, generators=gens(),
                      init_latents=z0, output_type="float", batch_size=2)
     g = gens()
     want = reference_img2img(comps, inputs, STEPS, 0.75, 7.5, 0.4, lambda i: g[i], z0=z0)
     np.testing.assert_allclose(got, want, atol=2e-5)
     with pytest.raises(UserError, match="not both"):
-        vd.img2img(comps, inputs["init_images"], **no_images, generators=gens(), init_latents=z0)
+        sampler.img2img(comps, inputs["init_images"], **no_images, generators=gens(), init_latents=z0)
     with pytest.raises(UserError, match="channels"):
-        vd.img2img(comps, None, **no_images, generators=gens(), init_latents=z0[:, :3])
+        sampler.img2img(comps, None, **no_images, generators=gens(), init_latents=z0[:, :3])
 
 
 def test_uint8_is_truncation_of_float(comps, inputs):
@@ -203,12 +204,12 @@ def test_batch_size_independent(comps, inputs):
 
 def test_reference_rng_is_one_sequential_stream(comps, inputs):
     per_image = ("init_images", "vision_cond", "text_cond")
-    rng = vd.BrainDiffuserRNG(seed=0, device="cpu")
+    rng = sampler.BrainDiffuserRNG(seed=0, device="cpu")
     first = run(comps, {k: v[:1] if k in per_image else v for k, v in inputs.items()},
                 reference_rng=rng, output_type="float")
     rest = run(comps, {k: v[1:] if k in per_image else v for k, v in inputs.items()},
                reference_rng=rng, output_type="float", batch_size=2)
-    whole = run(comps, inputs, reference_rng=vd.BrainDiffuserRNG(seed=0), output_type="float", batch_size=3)
+    whole = run(comps, inputs, reference_rng=sampler.BrainDiffuserRNG(seed=0), output_type="float", batch_size=3)
     np.testing.assert_allclose(np.concatenate([first, rest]), whole, atol=2e-5)
     g = torch.Generator().manual_seed(0)  # torch.manual_seed(0) once; posterior(k), noise(k), posterior(k+1), …
     want = reference_img2img(comps, inputs, STEPS, 0.75, 7.5, 0.4, lambda i: g)
@@ -253,7 +254,7 @@ def test_bad_arguments_are_user_errors(comps, inputs):
         with pytest.raises(UserError):
             run(comps, inputs, **kw)
     with pytest.raises(UserError, match="exactly one"):
-        run(comps, inputs, reference_rng=vd.BrainDiffuserRNG(0), generators=gens())
+        run(comps, inputs, reference_rng=sampler.BrainDiffuserRNG(0), generators=gens())
     bad = dict(inputs, vision_cond=inputs["vision_cond"][:, :, :16])
     with pytest.raises(UserError, match="vision_cond"):
         run(comps, bad)
@@ -265,7 +266,7 @@ def test_bad_arguments_are_user_errors(comps, inputs):
         run(comps, bad)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_fp16_unet_on_cuda_close_to_fp32(comps, inputs):
     ref = run(comps, inputs, batch_size=3, output_type="float")
     c16 = vd.VersatileComponents(vae=comps.vae.to("cuda"), image_unet=comps.image_unet.to("cuda", torch.float16),

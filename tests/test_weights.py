@@ -109,7 +109,7 @@ def test_icnn_archives_download_verify_md5_and_unpack_into_the_default_layout(tm
 
     from models import weights
     from pipeline.config import ICNNConfig
-    from prepare_data.download_nsd import download
+    from pipeline.http import download
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     vgg_zip = _zip({"VGG_ILSVRC_19_layers/VGG_ILSVRC_19_layers.pt": b"vgg-weights"})
@@ -158,7 +158,7 @@ def test_sha256_prefix_is_verified_and_complete_message_printed_once(tmp_path, m
     from dataclasses import replace
 
     from models import weights
-    from prepare_data.download_nsd import RemoteFile
+    from pipeline.http import RemoteFile
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     a, b = b"alexnet bytes", b"inception bytes"

@@ -96,11 +96,9 @@ WEIGHT_FILES: dict[str, WeightFile] = {
     ),
 }
 
-#: Also accepted for CLIP when present (the same weights in safetensors form, preferred if both exist).
+#: Also accepted for CLIP when present (the same weights in safetensors form, preferred if both exist;
+#: HF timm/vit_large_patch14_clip_224.openai, file open_clip_model.safetensors — not fetched by make weights).
 CLIP_SAFETENSORS_FILENAME = "ViT-L-14_openai_open_clip_model.safetensors"
-CLIP_SAFETENSORS_URL = (
-    "https://huggingface.co/timm/vit_large_patch14_clip_224.openai/resolve/main/open_clip_model.safetensors"
-)
 
 #: DreamSim (optional extra metric) keeps its own checkpoints in this sub-folder of ``weights_dir``.
 DREAMSIM_SUBDIR = "dreamsim"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import experiment as ex
+from experiments.tasks import task_config
 from pipeline import io
+from pipeline.config import BASE_VARIANT
 from pipeline.layout import Layout
 
 
@@ -43,7 +44,7 @@ def fraction_plot(path: Path, rows: list[dict], kinds: tuple[str, ...]) -> Path 
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for k, (kind, line) in enumerate(lines):
-            base = [r["value"] for r in rows if r["metric"] == m and r["variant"] == "base" and r["images"] == kind]
+            base = [r["value"] for r in rows if r["metric"] == m and r["variant"] == BASE_VARIANT and r["images"] == kind]
             pts: dict[float, list[float]] = {}
             for r in rows:
                 if r["metric"] == m and r["line"] == line and r["fraction"] is not None:
@@ -73,9 +74,9 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
     out = Path(cfg0.paths.results_dir).expanduser() / "experiments" / exp.name
     records, specs, layouts = [], {}, {}
     for task in tasks:
-        cfg = ex.task_config(exp, task, extra_configs, extra_overrides)
+        cfg = task_config(exp, task, extra_configs, extra_overrides)
         layout = Layout(cfg, task.subject, task.variant.name)
-        path = layout.eval_dir() / "metrics.json"
+        path = layout.metrics("json")
         if path.is_file():
             records.append(io.load_json(path))
             specs[task.variant.name] = task.variant
