@@ -6,11 +6,9 @@ start record shows they were made by this config and these inputs). When they ma
 images are made; when they may not, all are made. Image i always draws from its own seed, so which
 images are redone does not change any image.
 
-``remove_stale=True`` (the iCNN reconstruction, as its stage always did) also deletes the existing
-images before a run that may not keep them: a fresh run that is interrupted then leaves only its
-own images, which a resume may keep. Without it (vdvae_init, versatile) the old images stay until
-they are overwritten, so a fresh run interrupted and then resumed with the same inputs keeps the old
-images it had not reached yet.
+A run that may not keep them deletes the existing images first. Otherwise a fresh run interrupted
+after a config change would leave the old setting's images beside its own, and the resume that
+follows (its start record matches) would keep them as if they were this run's.
 """
 from __future__ import annotations
 
@@ -21,16 +19,14 @@ from typing import Sequence
 log = logging.getLogger("recon")
 
 
-def pending(paths: Sequence[Path], resume: bool, step: str = "", verb: str = "making",
-            remove_stale: bool = False) -> list[int]:
+def pending(paths: Sequence[Path], resume: bool, step: str = "", verb: str = "making") -> list[int]:
     """Indices of ``paths`` to (re)make: the absent ones when resuming, else all of them (the existing
-    ones deleted first with ``remove_stale``). ``step`` and ``verb`` name the work in the log line said
-    when some images are kept."""
+    ones deleted first). ``step`` and ``verb`` name the work in the log line said when some images
+    are kept."""
     paths = [Path(p) for p in paths]
     if not resume:
-        if remove_stale:
-            for p in paths:
-                p.unlink(missing_ok=True)
+        for p in paths:
+            p.unlink(missing_ok=True)
         return list(range(len(paths)))
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
     if todo and len(todo) < len(paths):

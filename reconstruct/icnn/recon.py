@@ -112,7 +112,7 @@ def reconstruct_images(ctx, models: ICNNModels, layers: list[str], reference: Ma
     """Every test PNG to make (the missing ones when ``ctx.resume``, else all); returns the indices made."""
     layout, c = ctx.layout, ctx.cfg.icnn
     paths = image_paths(ctx)
-    todo = pending(paths, ctx.resume, "icnn", "reconstructing", remove_stale=True)
+    todo = pending(paths, ctx.resume, "icnn", "reconstructing")
     if not todo:
         return []
     preds = {l: io.load_npy(layout.icnn_prediction(l), mmap_mode="r") for l in layers}
