@@ -572,9 +572,15 @@ def sample_dmol(params: torch.Tensor, num_mixtures: int, u_mix: torch.Tensor, u_
     log_scale = torch.gather(rest[..., k: 2 * k], 4, idx)[..., 0].clamp(min=DMOL_MIN_LOG_SCALE)
     coeff = torch.tanh(torch.gather(rest[..., 2 * k:], 4, idx)[..., 0])
     x = mean + torch.exp(log_scale) * (torch.log(u_logistic) - torch.log(1.0 - u_logistic))
-    r = x[..., 0].clamp(-1.0, 1.0)
-    g = (x[..., 1] + coeff[..., 0] * r).clamp(-1.0, 1.0)
-    b = (x[..., 2] + coeff[..., 1] * r + coeff[..., 2] * g).clamp(-1.0, 1.0)
+    return _couple_colours(x, coeff)
+
+
+def _couple_colours(x: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """The DMoL head's autoregressive colour coupling on dim 3 (the colour axis) of (N, H, W, 3, ...):
+    r; g + c0 r; b + c1 r + c2 g, each clipped to [-1, 1]."""
+    r = x[:, :, :, 0].clamp(-1.0, 1.0)
+    g = (x[:, :, :, 1] + coeff[:, :, :, 0] * r).clamp(-1.0, 1.0)
+    b = (x[:, :, :, 2] + coeff[:, :, :, 1] * r + coeff[:, :, :, 2] * g).clamp(-1.0, 1.0)
     return torch.stack([r, g, b], dim=3)
 
 
@@ -590,10 +596,7 @@ def mean_dmol(params: torch.Tensor, num_mixtures: int) -> torch.Tensor:
     weight = torch.softmax(params[..., :k], dim=-1)  # (N, H, W, K)
     rest = params[..., k:].reshape(n, h, w, 3, 3 * k)
     centre, coeff = rest[..., :k], torch.tanh(rest[..., 2 * k:])  # (N, H, W, 3, K)
-    r = centre[..., 0, :].clamp(-1.0, 1.0)
-    g = (centre[..., 1, :] + coeff[..., 0, :] * r).clamp(-1.0, 1.0)
-    b = (centre[..., 2, :] + coeff[..., 1, :] * r + coeff[..., 2, :] * g).clamp(-1.0, 1.0)
-    return torch.stack([(weight * c).sum(-1) for c in (r, g, b)], dim=3)
+    return (weight[:, :, :, None, :] * _couple_colours(centre, coeff)).sum(-1)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
