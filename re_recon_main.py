@@ -24,6 +24,7 @@ from pipeline import io
 from pipeline.config import BASE_VARIANT
 from pipeline.cli import guarded, setup_logging
 from pipeline.errors import UserError
+from pipeline.layout import experiment_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,7 @@ def run(args) -> None:
     exp = grid.load_experiment(args.experiment)
     tasks = select_tasks(exp, args)
     cfg = exp.config(args.overrides, args.config)
-    root = Path(cfg.paths.results_dir).expanduser() / "experiments" / exp.name
+    root = experiment_dir(cfg, exp.name)
     if args.status:
         rows = []
         for t in tasks:

@@ -16,7 +16,7 @@ import numpy as np
 from experiments.tasks import task_config
 from pipeline import io
 from pipeline.config import BASE_VARIANT
-from pipeline.layout import Layout
+from pipeline.layout import Layout, experiment_dir
 
 
 def _label(spec) -> str:
@@ -71,7 +71,7 @@ def write_report(exp, tasks, extra_configs=(), extra_overrides=()) -> Path:
     from pipeline.common_format import read_split
 
     cfg0 = exp.config(list(extra_overrides), list(extra_configs))
-    out = Path(cfg0.paths.results_dir).expanduser() / "experiments" / exp.name
+    out = experiment_dir(cfg0, exp.name)
     records, specs, layouts = [], {}, {}
     for task in tasks:
         cfg = task_config(exp, task, extra_configs, extra_overrides)

@@ -18,7 +18,7 @@ from experiments.grid import Experiment, Task, VariantSpec, load_experiment
 from pipeline import io
 from pipeline.config import BASE_VARIANT, Config
 from pipeline.errors import UserError
-from pipeline.layout import Layout
+from pipeline.layout import Layout, experiment_dir
 
 
 def task_config(exp: Experiment, task: Task, extra_configs=(), extra_overrides=()) -> Config:
@@ -40,7 +40,7 @@ def ensure_variant(cfg: Config, layout: Layout, spec: VariantSpec) -> None:
 
 
 def status_path(cfg: Config, task: Task) -> Path:
-    return Path(cfg.paths.results_dir).expanduser() / "experiments" / task.experiment / "tasks" / f"{task.name}.json"
+    return experiment_dir(cfg, task.experiment) / "tasks" / f"{task.name}.json"
 
 
 def run_task(exp_path: str, task_name: str, device: str, extra_configs=(), extra_overrides=(),

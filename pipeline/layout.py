@@ -12,6 +12,7 @@ Steps ask this module for paths; they never format paths themselves.
     ``eval/gt_features_<profile>_<digest>.npz`` (base run only: the test images' network features)
     ``<step>.done.json`` completion records, ``config.toml`` the resolved config
 ``<results_dir>/<dataset>/summary/`` tables and plots across runs
+``<results_dir>/experiments/<name>/`` an experiment's tasks, logs, tables and plots
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ ICNN = "icnn"  # images/icnn, features/icnn, predictions/icnn
 def dataset_results(cfg: Config) -> Path:
     """``<results_dir>/<dataset>``: every run of the configured dataset."""
     return Path(cfg.paths.results_dir).expanduser() / cfg.run.dataset
+
+
+def experiment_dir(cfg: Config, name: str) -> Path:
+    """``<results_dir>/experiments/<name>``: an experiment's task records, logs, tables and plots."""
+    return Path(cfg.paths.results_dir).expanduser() / "experiments" / name
 
 
 def summary_dir(cfg: Config) -> Path:
