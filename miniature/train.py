@@ -9,13 +9,18 @@ Order: (1) a training pool of ``n_pool`` images with captions from the synthetic
 ELBO (DMoL likelihood + KL of every group) in nats/dim; (4) AutoencoderKL, L1 + MSE
 reconstruction + small KL, then the latent scaling factor is set to 1/std of the scaled latents as
 SD's 0.18215 was; (5) the dual-attention image UNet as an epsilon-prediction denoiser on the
-VAE latents with VD's scaled-linear schedule (t uniform in 0..999), conditioned on the trained
+VAE latents with VD's scaled-linear schedule (t uniform in ``[0, unet_t_max)``), conditioned on the trained
 CLIP's vision tokens and caption-averaged text tokens (the features the ridge learns to predict),
 each condition replaced by its unconditional embedding (gray image / empty caption) with
 probability ``p_drop`` so classifier-free guidance works, and the text/vision mixing drawn per
 step so both transformers of every dual block learn. EMA weights are saved for VDVAE and UNet.
 Weights are written as fp16 safetensors (max output change measured and recorded) with
 ``manifest.json``: sha256 per file, config, seed, command, final losses, wall time.
+
+With ``parallel`` (the default) the AutoencoderKL trains in a second process while CLIP and VDVAE
+train in this one, and the UNet then trains alone on ``unet_threads`` threads. Every stage draws
+from its own random stream, so the schedule does not change the weights; the thread counts can
+(float reductions), and the manifest records them.
 """
 from __future__ import annotations
 
@@ -46,7 +51,9 @@ class TrainConfig:
     seed: int = 0
     n_pool: int = 3000
     pool_image_size: int = 128  # the subjects' images are drawn at 128 px (configs/demo.toml)
-    threads: int = 1  # tiny convolutions: one thread is faster than two on a shared 2-core CPU
+    threads: int = 1  # per training process: tiny convolutions gain little from a second thread
+    parallel: bool = True  # train the AutoencoderKL in a second process while CLIP and VDVAE train
+    unet_threads: int = 2  # the UNet trains last, alone, on both cores
     clip_steps: int = 300
     clip_batch: int = 128
     clip_lr: float = 2e-3
@@ -60,7 +67,9 @@ class TrainConfig:
     unet_steps: int = 800
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    unet_t_max: int = 1000  # training timesteps uniform in [0, unet_t_max)
     p_drop: float = 0.15  # each condition independently replaced by its unconditional embedding
+    cond_noise: float = 0.0  # largest share of each condition's variance replaced by noise (see _blur_condition)
     ema: float = 0.995
 
 
@@ -102,13 +111,20 @@ class _Run:
                      " ".join(f"{k}={v:.4f}" for k, v in means.items()))
             self.recent = {}
 
-    @property
-    def final(self) -> dict:
-        return self.curve[-1] if self.curve else {}
-
 
 def _steps(n: int, cfg: TrainConfig, scale: float) -> int:
     return max(2, int(round(n * scale)))
+
+
+_STREAMS = {"vdvae": 1, "vae": 2, "unet": 3}
+
+
+def _stream(cfg: TrainConfig, stage: str) -> np.random.Generator:
+    """Each stage draws its batches from its own stream, so running stages side by side cannot
+    change what any of them learns (CLIP keeps the plain ``default_rng(seed)`` it always had)."""
+    if stage == "clip":
+        return np.random.default_rng(cfg.seed)
+    return np.random.default_rng([cfg.seed, _STREAMS[stage]])
 
 
 # --------------------------------------------------------------------------- 1. pool
@@ -177,7 +193,7 @@ def train_vdvae(cfg: TrainConfig, small, steps: int, rng: np.random.Generator):
 
 
 # --------------------------------------------------------------------------- 4. AutoencoderKL
-def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator):
+def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator, tqdm_position: int = 0):
     # start near-deterministic (posterior std e^-4): with VD's default logvar 0 the decoder first sees
     # unit noise and a short run only learns the mean image
     with torch.no_grad():
@@ -186,7 +202,7 @@ def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator
     run = _Run("vae", vae.parameters(), steps, cfg.vae_lr)
     data = torch.from_numpy(small).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    for i in tqdm(range(steps), desc="train AutoencoderKL", unit="step"):
+    for i in tqdm(range(steps), desc="train AutoencoderKL", unit="step", position=tqdm_position):
         x = data[rng.choice(len(data), cfg.vae_batch, replace=False)]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
@@ -197,13 +213,40 @@ def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator
         run.step(i, loss, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()})
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        zs = torch.cat([vae.encode(data[j:j + 256]).latent_dist.sample() for j in range(0, len(data), 256)])
+        zs = torch.cat([vae.encode(data[j:j + 256]).latent_dist.sample(generator=g) for j in range(0, len(data), 256)])
     scaling = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=scaling)
     return vae, run, scaling
 
 
+def _vae_job(cfg: TrainConfig, vae_in, steps: int, tqdm_position: int = 0):
+    """The AutoencoderKL stage on its own, as run in the second training process: returns its
+    fp32 state, loss curve, latent scaling factor and wall time (plain tensors and numbers)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    vae = miniature.build_versatile(seed=cfg.seed).vae
+    vae, run, scaling = train_vae(cfg, vae, vae_in, steps, _stream(cfg, "vae"), tqdm_position)
+    return vae.state_dict(), run.curve, scaling, time.time() - t0
+
+
 # --------------------------------------------------------------------------- 5. dual UNet
+def _blur_condition(c, mean, std, max_share: float, rng: np.random.Generator, g: torch.Generator):
+    """Replace a random share (uniform in ``[0, max_share]``, per image) of each embedding's
+    deviation from the pool mean by noise of the pool's spread, keeping its per-dimension variance.
+
+    The pipeline conditions the UNet on *decoded* embeddings, which the reference rescales to the
+    training features' mean and std per dimension: the right spread but only partly the right
+    values (test-set pattern correlation about 0.85-0.95 here). A miniature trained only on exact
+    embeddings renders crisp, confidently wrong images from those; this makes it tolerate them.
+    """
+    if max_share <= 0:
+        return c
+    share = torch.from_numpy(rng.uniform(0, max_share, len(c))).float()[:, None, None]
+    noise = torch.randn(c.shape, generator=g)
+    return mean + (1 - share).sqrt() * (c - mean) + share.sqrt() * std * noise
+
+
 def train_unet(cfg: TrainConfig, comps, clip, stim, caps, small, steps: int, rng: np.random.Generator):
     from models.versatile import set_dual_mixing
     from reconstruct.sampling import vd_alphas_cumprod
@@ -218,6 +261,7 @@ def train_unet(cfg: TrainConfig, comps, clip, stim, caps, small, steps: int, rng
     vision = torch.from_numpy(clip.encode_images(stim, batch_size=256))
     text = torch.from_numpy(clip.encode_captions_per_image(caps, batch_size=256))
     v_unc, t_unc = clip.unconditional_image(), clip.unconditional_text()
+    v_stats, t_stats = (vision.mean(0), vision.std(0)), (text.mean(0), text.std(0))
     ac = vd_alphas_cumprod(comps.scheduler).float()
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train().requires_grad_(True)
@@ -227,14 +271,14 @@ def train_unet(cfg: TrainConfig, comps, clip, stim, caps, small, steps: int, rng
     for i in tqdm(range(steps), desc="train dual UNet", unit="step"):
         idx = torch.from_numpy(rng.choice(len(x), b, replace=False))
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        t = torch.randint(0, ac.shape[0], (b,), generator=g)
+        t = torch.randint(0, min(cfg.unet_t_max, ac.shape[0]), (b,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         a = ac[t][:, None, None, None]
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         drop_t = torch.from_numpy(rng.random(b) < cfg.p_drop)[:, None, None]
         drop_v = torch.from_numpy(rng.random(b) < cfg.p_drop)[:, None, None]
-        tc = torch.where(drop_t, t_unc[None], text[idx])
-        vc = torch.where(drop_v, v_unc[None], vision[idx])
+        tc = torch.where(drop_t, t_unc[None], _blur_condition(text[idx], *t_stats, cfg.cond_noise, rng, g))
+        vc = torch.where(drop_v, v_unc[None], _blur_condition(vision[idx], *v_stats, cfg.cond_noise, rng, g))
         set_dual_mixing(unet, float(rng.uniform(0, 1)), text_len=tc.shape[1], image_len=vc.shape[1])
         pred = unet(zt, t, encoder_hidden_states=torch.cat([tc, vc], dim=1)).sample
         loss = F.mse_loss(pred, eps)
@@ -289,7 +333,9 @@ def write_weights(out_dir: Path, modules: dict[str, torch.nn.Module], manifest: 
     for name, module in modules.items():
         fname = miniature.FILES[name]
         with io.atomic_path(out_dir / fname) as tmp:
-            save_file(_fp16_state(module), str(tmp), metadata={"format": "pt", "network": name})
+            # one metadata key: safetensors writes a metadata map in no fixed order, and two keys
+            # made the same weights hash differently from run to run
+            save_file(_fp16_state(module), str(tmp), metadata={"format": "pt"})
         files[fname] = {"sha256": miniature._sha256(out_dir / fname), "bytes": (out_dir / fname).stat().st_size,
                         "dtype": "float16", "parameters": int(sum(p.numel() for p in module.state_dict().values()))}
     manifest["files"] = files
@@ -309,46 +355,71 @@ def main(argv=None) -> int:
         key, _, value = item.partition("=")
         if key not in {f.name for f in dataclasses.fields(cfg)}:
             p.error(f"unknown TrainConfig field {key!r}")
-        setattr(cfg, key, type(getattr(cfg, key))(value))
+        kind = type(getattr(cfg, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                p.error(f"{key} takes true or false, not {value!r}")
+            setattr(cfg, key, value.lower() in ("true", "1"))
+        else:
+            setattr(cfg, key, kind(value))
     torch.set_num_threads(cfg.threads)
     t_all = time.time()
     times = {}
-    rng = np.random.default_rng(cfg.seed)
 
     t0 = time.time()
     stim, caps, small, vae_in = make_pool(cfg)
     times["pool"] = time.time() - t0
     log.info("[miniature] pool: %d images in %.0f s", len(stim), times["pool"])
 
-    t0 = time.time()
-    clip, clip_run = train_clip(cfg, stim, caps, _steps(cfg.clip_steps, cfg, a.scale), rng)
-    times["clip"] = time.time() - t0
+    # the AutoencoderKL needs neither CLIP nor VDVAE: with `parallel` it trains in a second process
+    # (one thread each) while this one trains CLIP then VDVAE; the UNet needs both and trains last
+    vae_steps = _steps(cfg.vae_steps, cfg, a.scale)
+    pool = None
+    if cfg.parallel:
+        import concurrent.futures
+        import multiprocessing
 
-    t0 = time.time()
-    vdvae, vdvae_run = train_vdvae(cfg, small, _steps(cfg.vdvae_steps, cfg, a.scale), rng)
-    times["vdvae"] = time.time() - t0
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        vae_future = pool.submit(_vae_job, cfg, vae_in, vae_steps, 1)
+    try:
+        t0 = time.time()
+        clip, clip_run = train_clip(cfg, stim, caps, _steps(cfg.clip_steps, cfg, a.scale), _stream(cfg, "clip"))
+        times["clip"] = time.time() - t0
 
-    t0 = time.time()
+        t0 = time.time()
+        vdvae, vdvae_run = train_vdvae(cfg, small, _steps(cfg.vdvae_steps, cfg, a.scale), _stream(cfg, "vdvae"))
+        times["vdvae"] = time.time() - t0
+
+        vae_state, vae_curve, scaling, times["vae"] = (vae_future.result() if pool is not None
+                                                        else _vae_job(cfg, vae_in, vae_steps))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     comps = miniature.build_versatile(seed=cfg.seed)
-    comps.vae, vae_run, scaling = train_vae(cfg, comps.vae, vae_in, _steps(cfg.vae_steps, cfg, a.scale), rng)
-    times["vae"] = time.time() - t0
+    comps.vae.load_state_dict(vae_state)
+    comps.vae.register_to_config(scaling_factor=scaling)
+    comps.vae.eval().requires_grad_(False)
 
     t0 = time.time()
-    comps, unet_run = train_unet(cfg, comps, clip, stim, caps, vae_in, _steps(cfg.unet_steps, cfg, a.scale), rng)
+    torch.set_num_threads(cfg.unet_threads)
+    comps, unet_run = train_unet(cfg, comps, clip, stim, caps, vae_in, _steps(cfg.unet_steps, cfg, a.scale),
+                                 _stream(cfg, "unet"))
     times["unet"] = time.time() - t0
+    torch.set_num_threads(cfg.threads)
 
     fp16 = _fp16_check(clip, vdvae, comps, small, vae_in, caps)
-    runs = {"clip": clip_run, "vdvae": vdvae_run, "vae": vae_run, "unet": unet_run}
+    curves = {"clip": clip_run.curve, "vdvae": vdvae_run.curve, "vae": vae_curve, "unet": unet_run.curve}
     manifest = {
         "what": "trained miniature Brain-Diffuser (models.mode = \"trained-miniature\")",
         "rebuild": miniature.REBUILD + ("" if a.scale == 1.0 else f" (this run: --scale {a.scale})"),
         "seed": cfg.seed, "train_config": dataclasses.asdict(cfg), "scale": a.scale,
         "vae_scaling_factor": scaling,
-        "final_losses": {k: r.final for k, r in runs.items()},
-        "loss_curves": {k: r.curve for k, r in runs.items()},
+        "final_losses": {k: c[-1] if c else {} for k, c in curves.items()},
+        "loss_curves": curves,
         "fp16_max_abs_change": fp16,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t_all, 1)},
-        "torch_threads": cfg.threads, "versions": {"torch": torch.__version__},
+        "torch_threads": {"per_process": cfg.threads, "unet": cfg.unet_threads, "parallel": cfg.parallel},
+        "versions": {"torch": torch.__version__},
     }
     write_weights(Path(a.out), {"vdvae": vdvae, "clip_text": clip.text_model, "clip_vision": clip.vision_model,
                                 "vae": comps.vae, "image_unet": comps.image_unet}, manifest)
