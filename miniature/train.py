@@ -33,6 +33,7 @@ import logging
 import math
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from tqdm.auto import tqdm
 
 import miniature
 from pipeline import io
+from pipeline.config import coerce
+from pipeline.errors import UserError
 
 log = logging.getLogger("recon")
 
@@ -352,17 +355,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = TrainConfig()
+    types = typing.get_type_hints(TrainConfig)
     for item in a.set:
         key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(cfg)}:
+        if key not in types:
             p.error(f"unknown TrainConfig field {key!r}")
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                p.error(f"{key} takes true or false, not {value!r}")
-            setattr(cfg, key, value.lower() in ("true", "1"))
-        else:
-            setattr(cfg, key, kind(value))
+        try:  # the pipeline's own --set parsing: true/false/yes/no/1/0, int, float
+            setattr(cfg, key, coerce(value, types[key], key))
+        except UserError as e:
+            p.error(str(e))
     torch.set_num_threads(cfg.threads)
     t_all = time.time()
     times = {}

@@ -276,7 +276,7 @@ class Config:
 # loading and overriding
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
+def coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert one value to the field's annotated type; the error names the key."""
     origin = typing.get_origin(annotation)
     if origin is list:
@@ -285,7 +285,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, list):
             raise UserError(f"config key {key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -340,7 +340,7 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str = "config") 
                 raise UserError(
                     f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}"
                 )
-            setattr(target, key, _coerce(value, fields[key], f"{section}.{key}"))
+            setattr(target, key, coerce(value, fields[key], f"{section}.{key}"))
     return cfg
 
 
