@@ -14,9 +14,9 @@ from models import load as load_models
 from reconstruct.sampling import img2img
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.layout import Layout
-from pipeline.runner import Context, run_step, step_spec
+from pipeline.runner import run_step, step_spec
 from reconstruct import versatile as step
+from step_context import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 8
@@ -31,28 +31,25 @@ def _cfg(tmp, *extra):
                             f"versatile.num_inference_steps={STEPS}", "versatile.batch_size=3", *extra])
 
 
-def _ctx(cfg):
-    return Context(cfg=cfg, layout=Layout(cfg, "1"), device="cpu", progress=False)
-
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablations")
     cfg = _cfg(tmp)
     for name in ("prepare", "features", "ridge", "vdvae_init"):
-        run_step(step_spec(name), _ctx(cfg))
+        run_step(step_spec(name), step_context(cfg))
     return tmp
 
 
 def _run(tmp, *extra) -> np.ndarray:
-    ctx = _ctx(_cfg(tmp, *extra))
+    ctx = step_context(_cfg(tmp, *extra))
     ctx.resume = False
     step.run(ctx)
     return np.stack([np.asarray(Image.open(p)) for p in step.outputs(ctx)])
 
 
 def _inputs(tmp):
-    ctx = _ctx(_cfg(tmp))
+    ctx = step_context(_cfg(tmp))
     clip = load_models.clip(ctx.cfg, "cpu")
     vision, text, vu, tu = step.conditioning(ctx, clip)
     return ctx, vision, text, vu, tu

@@ -10,6 +10,7 @@ from pipeline.errors import UserError
 from pipeline.layout import TARGETS, Layout
 from pipeline.runner import Context, run_step, step_spec
 from regression.ridge_step import normalisation_path
+from step_context import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,16 +23,13 @@ def _cfg(tmp_path, *extra):
                             *extra])
 
 
-def _ctx(cfg):
-    return Context(cfg=cfg, layout=Layout(cfg, "1"), device="cpu", progress=False)
-
 
 @pytest.fixture(scope="module")
 def features_done(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ridge_step")
     cfg = _cfg(tmp)
     for step in ("prepare", "features"):
-        run_step(step_spec(step), _ctx(cfg))
+        run_step(step_spec(step), step_context(cfg))
     return tmp
 
 
@@ -39,7 +37,7 @@ def features_done(tmp_path_factory):
 def test_saved_weights_reproduce_the_step_predictions(features_done, rescale):
     tmp = features_done
     cfg = _cfg(tmp, "ridge.save_weights=true", f"ridge.rescale={str(rescale).lower()}")
-    ctx = _ctx(cfg)
+    ctx = step_context(cfg)
     assert run_step(step_spec("ridge"), ctx, ) is True
     layout = ctx.layout
     # the normalisation, by hand from the common-format fMRI: /scale, training mean and std (ddof=1)
@@ -71,7 +69,7 @@ def test_bad_weights_dtype_is_a_user_error_before_the_fit(features_done):
 
     # config validation catches it when the config loads, before any step (the step checks too)
     with pytest.raises(UserError, match="ridge.weights_dtype"):
-        ridge_step.run(_ctx(_cfg(features_done, "ridge.save_weights=true", "ridge.weights_dtype=int8")))
+        ridge_step.run(step_context(_cfg(features_done, "ridge.save_weights=true", "ridge.weights_dtype=int8")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +80,7 @@ def test_bad_weights_dtype_is_a_user_error_before_the_fit(features_done):
 def variant_setup(tmp_path):
     cfg = _cfg(tmp_path)
     for step in ("prepare", "features"):
-        run_step(step_spec(step), _ctx(cfg))
+        run_step(step_spec(step), step_context(cfg))
     return cfg
 
 
@@ -109,5 +107,5 @@ def test_a_row_subset_is_fitted_afresh_without_the_base_ridge(variant_setup):
     write_variant(layout, "random", indices=np.arange(0, 24, 2))
     assert run_step(step_spec("ridge"), Context(cfg=cfg, layout=layout, device="cpu", progress=False)) is True
     assert not layout.base.record("ridge").exists()
-    run_step(step_spec("ridge"), _ctx(cfg))
+    run_step(step_spec("ridge"), step_context(cfg))
     assert not np.allclose(io.load_npy(layout.prediction("vdvae")), io.load_npy(layout.base.prediction("vdvae")))

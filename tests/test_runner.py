@@ -9,6 +9,7 @@ from pipeline.config import load_config
 from pipeline.layout import Layout
 from pipeline.runner import Context, is_complete, run_step, step_spec
 from prepare_data.synthetic import make_synthetic
+from step_context import step_context
 
 
 def _cfg(tmp_path, *extra):
@@ -17,30 +18,27 @@ def _cfg(tmp_path, *extra):
                             "synthetic.n_voxels=20", "synthetic.image_size=16", *extra])
 
 
-def _ctx(cfg, force=False):
-    return Context(cfg=cfg, layout=Layout(cfg, "1"), device="cpu", force=force, progress=False)
-
 
 def test_prepare_runs_once_then_skips_and_force_redoes(tmp_path):
     cfg = _cfg(tmp_path)
     spec = step_spec("prepare")
-    assert run_step(spec, _ctx(cfg)) is True
+    assert run_step(spec, step_context(cfg)) is True
     record = json.loads((subject_dir(tmp_path / "data", "synthetic", 1) / "prepare.done.json").read_text())
     assert record["step"] == "prepare" and record["config"]["synthetic"]["n_train"] == 12
     assert "numpy" in record["versions"]
-    assert run_step(spec, _ctx(cfg)) is False
-    assert run_step(spec, _ctx(cfg, force=True)) is True
+    assert run_step(spec, step_context(cfg)) is False
+    assert run_step(spec, step_context(cfg, force=True)) is True
     # a config change in a section the step reads makes it incomplete; other sections do not
-    assert is_complete(spec, _ctx(_cfg(tmp_path, "ridge.alpha_vdvae=1")))[0]
-    done, reason = is_complete(spec, _ctx(_cfg(tmp_path, "synthetic.noise=0.9")))
+    assert is_complete(spec, step_context(_cfg(tmp_path, "ridge.alpha_vdvae=1")))[0]
+    done, reason = is_complete(spec, step_context(_cfg(tmp_path, "synthetic.noise=0.9")))
     assert not done and reason == "configuration changed"
 
 
 def test_missing_output_makes_step_incomplete(tmp_path):
     cfg = _cfg(tmp_path)
-    run_step(step_spec("prepare"), _ctx(cfg))
+    run_step(step_spec("prepare"), step_context(cfg))
     part_path(subject_dir(tmp_path / "data", "synthetic", 1), "train", "cap", 1).unlink()
-    done, reason = is_complete(step_spec("prepare"), _ctx(cfg))
+    done, reason = is_complete(step_spec("prepare"), step_context(cfg))
     assert not done and "train_cap_sub1.npy" in reason
 
 
@@ -96,9 +94,9 @@ def test_prepare_digest_covers_only_the_runs_own_dataset_section(tmp_path):
     marks a prepared subject incomplete; its own section still does."""
     cfg = _cfg(tmp_path)
     spec = step_spec("prepare")
-    run_step(spec, _ctx(cfg))
-    assert is_complete(spec, _ctx(_cfg(tmp_path, "nsd.n_sessions=40", "things.image_size=64")))[0]
-    assert is_complete(spec, _ctx(_cfg(tmp_path, "synthetic.noise=0.9")))[1] == "configuration changed"
+    run_step(spec, step_context(cfg))
+    assert is_complete(spec, step_context(_cfg(tmp_path, "nsd.n_sessions=40", "things.image_size=64")))[0]
+    assert is_complete(spec, step_context(_cfg(tmp_path, "synthetic.noise=0.9")))[1] == "configuration changed"
     assert spec.config_digest(cfg) == cfg.digest(["run.dataset", "synthetic"])
 
 

@@ -13,8 +13,9 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.resume import pending
-from pipeline.runner import Context, is_complete, run_step, step_spec
+from pipeline.runner import is_complete, run_step, step_spec
 from reconstruct import vdvae_init as step
+from step_context import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GROUPS = 6
@@ -26,9 +27,6 @@ def _cfg(tmp, *extra):
                             "run.dataset=synthetic", "models.mode=random-tiny", f"features.vdvae_groups={GROUPS}",
                             "vdvae_init.output_size=48", "vdvae_init.batch_size=2", "vdvae_init.seed=7", *extra])
 
-
-def _ctx(cfg):
-    return Context(cfg=cfg, layout=Layout(cfg, "1"), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,7 @@ def tmp(tmp_path_factory):
 
 def test_each_image_is_its_latent_decoded_alone_with_seed_plus_index_and_upsampled(tmp):
     cfg = _cfg(tmp)
-    ctx = _ctx(cfg)
+    ctx = step_context(cfg)
     assert run_step(step_spec("vdvae_init"), ctx) is True
     assert step.outputs(ctx) == [ctx.layout.image("vdvae", i) for i in range(N)]
     assert step.inputs(ctx) == [ctx.layout.prediction("vdvae")]
@@ -57,7 +55,7 @@ def test_each_image_is_its_latent_decoded_alone_with_seed_plus_index_and_upsampl
 
 def test_resume_makes_only_the_missing_image_and_a_changed_seed_redoes_all(tmp):
     cfg = _cfg(tmp)
-    ctx = _ctx(cfg)
+    ctx = step_context(cfg)
     run_step(step_spec("vdvae_init"), ctx)
     paths = step.outputs(ctx)
     before = [p.read_bytes() for p in paths]
@@ -68,7 +66,7 @@ def test_resume_makes_only_the_missing_image_and_a_changed_seed_redoes_all(tmp):
     assert [paths[0].stat().st_mtime_ns, paths[2].stat().st_mtime_ns] == [stamps[0], stamps[2]]
     assert paths[1].read_bytes() == before[1]
 
-    other = _ctx(_cfg(tmp, "vdvae_init.seed=8"))
+    other = step_context(_cfg(tmp, "vdvae_init.seed=8"))
     assert run_step(step_spec("vdvae_init"), other) is True and not other.resume
     assert all(p.stat().st_mtime_ns != s for p, s in zip(paths, stamps))
     assert paths[0].read_bytes() != before[0]  # seed 8 + 0 draws other prior samples
@@ -78,7 +76,7 @@ def test_wrong_latent_width_is_a_user_error(tmp_path):
     cfg = _cfg(tmp_path)
     io.save_npy(Layout(cfg, "1").prediction("vdvae"), np.zeros((2, 5), np.float32))
     with pytest.raises(UserError, match=r"shape \(2, 5\), expected \(n_test, \d+\) for 6 VDVAE groups"):
-        step.run(_ctx(cfg))
+        step.run(step_context(cfg))
 
 
 def test_pending_keeps_files_only_when_resuming(tmp_path):

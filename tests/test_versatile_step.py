@@ -12,9 +12,10 @@ from pipeline import io
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.layout import Layout
-from pipeline.runner import Context, run_step, step_spec
+from pipeline.runner import run_step, step_spec
 from reconstruct import versatile as step
 from reconstruct.sampling import img2img
+from step_context import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N, STEPS, SIZE, D = 3, 6, 64, 32
@@ -26,9 +27,6 @@ def _cfg(tmp, *extra):
                             f"versatile.num_inference_steps={STEPS}", "versatile.batch_size=2", "versatile.seed=3",
                             *extra])
 
-
-def _ctx(cfg):
-    return Context(cfg=cfg, layout=Layout(cfg, "1"), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def _images(ctx):
 
 
 def test_each_image_is_made_alone_from_its_seed_and_a_resume_redoes_only_the_missing(tmp):
-    ctx = _ctx(_cfg(tmp))
+    ctx = step_context(_cfg(tmp))
     assert run_step(step_spec("versatile"), ctx) is True
     got = _images(ctx)
     assert [p.name for p in step.outputs(ctx)] == ["0000.png", "0001.png", "0002.png"]
@@ -73,7 +71,7 @@ def test_each_image_is_made_alone_from_its_seed_and_a_resume_redoes_only_the_mis
     paths = step.outputs(ctx)
     stamps = [p.stat().st_mtime_ns for p in paths]
     paths[1].unlink()
-    again = _ctx(_cfg(tmp))
+    again = step_context(_cfg(tmp))
     assert run_step(step_spec("versatile"), again) is True and again.resume
     assert [paths[0].stat().st_mtime_ns, paths[2].stat().st_mtime_ns] == [stamps[0], stamps[2]]
     np.testing.assert_array_equal(np.asarray(Image.open(paths[1])), got[1])
@@ -81,11 +79,11 @@ def test_each_image_is_made_alone_from_its_seed_and_a_resume_redoes_only_the_mis
 
 def test_reference_rng_redoes_every_image_on_resume(tmp):
     cfg = _cfg(tmp, "versatile.reference_rng=true")
-    run_step(step_spec("versatile"), _ctx(cfg))
-    paths = step.outputs(_ctx(cfg))
+    run_step(step_spec("versatile"), step_context(cfg))
+    paths = step.outputs(step_context(cfg))
     stamps = [p.stat().st_mtime_ns for p in paths]
     paths[2].unlink()
-    ctx = _ctx(cfg)
+    ctx = step_context(cfg)
     assert run_step(step_spec("versatile"), ctx) is True and ctx.resume
     assert all(p.stat().st_mtime_ns != s for p, s in zip(paths[:2], stamps))  # one sequential stream
 
@@ -94,18 +92,18 @@ def test_text_features_true_and_shuffled(tmp):
     from ai_captions.shuffle import shuffle_elements
 
     cfg = _cfg(tmp, "versatile.text_features=true")
-    ctx = _ctx(cfg)
+    ctx = step_context(cfg)
     clip = load_models.clip(cfg, "cpu")
     _, text, _, _ = step.conditioning(ctx, clip)
     np.testing.assert_array_equal(text, np.load(ctx.layout.base.features("cliptext", "test")))
     assert ctx.layout.base.features("cliptext", "test") in step.inputs(ctx)
-    shuffled = _ctx(_cfg(tmp, "versatile.text_features=shuffled"))
+    shuffled = step_context(_cfg(tmp, "versatile.text_features=shuffled"))
     _, text, _, _ = step.conditioning(shuffled, clip)
     predicted = np.load(ctx.layout.prediction("cliptext"))
     np.testing.assert_array_equal(text, shuffle_elements(predicted, 3))
     assert sorted(text.ravel().tolist()) == sorted(predicted.ravel().tolist()) and not np.array_equal(text, predicted)
     with pytest.raises(UserError, match="text_features"):
-        step.conditioning(_ctx(_cfg(tmp, "versatile.text_features=mine")), clip)
+        step.conditioning(step_context(_cfg(tmp, "versatile.text_features=mine")), clip)
 
 
 def test_init_images_resize_bicubic_and_bad_files_are_user_errors(tmp, tmp_path):
@@ -130,4 +128,4 @@ def test_random_init_latents_are_seeded_per_image():
 
 def test_out_of_range_strength_is_a_user_error(tmp):
     with pytest.raises(UserError, match="strength"):
-        step.run(_ctx(_cfg(tmp, "versatile.strength=1.5")))
+        step.run(step_context(_cfg(tmp, "versatile.strength=1.5")))
