@@ -56,11 +56,14 @@ def build_clip(seed: int = ARCH_SEED):
 def build_versatile(seed: int = ARCH_SEED):
     from models.versatile import tiny_versatile
 
-    return tiny_versatile(seed=seed, vae_channels=VAE_CHANNELS, norm_groups=NORM_GROUPS)
+    return tiny_versatile(seed=seed, vae_channels=VAE_CHANNELS, norm_groups=NORM_GROUPS, unet_channels=UNET_CHANNELS)
 
 
 #: AutoencoderKL of the miniature: four levels (8x down-sampling, as SD's kl-f8), narrow at 64 px.
 VAE_CHANNELS = (16, 32, 32, 32)
+#: Width per level of the dual UNet (the unit tests' random one: 32, 64). At 32/64 it rendered the
+#: background and place but rarely the shape or the object's colour, even from exact embeddings.
+UNET_CHANNELS = (64, 128)
 #: GroupNorm groups of the miniature VAE and UNet: 4 channels per group at the first level (SD: 4 of 128).
 NORM_GROUPS = 4
 

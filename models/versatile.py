@@ -277,7 +277,8 @@ def save_versatile(components: VersatileComponents, path: str | os.PathLike) -> 
 
 
 def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
-                   vae_channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32) -> VersatileComponents:
+                   vae_channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32,
+                   unet_channels: tuple[int, int] = (32, 64)) -> VersatileComponents:
     """Tiny random Versatile Diffusion with the real architectures (tests and the demo), CPU, float32.
 
     VAE: 4 levels like SD's kl-f8, so images shrink 8× (64 px → 8×8 latents); UNets: 2 levels with
@@ -285,7 +286,8 @@ def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
     dim; ``vae_channels`` the VAE's width per level (four levels = 8x down-sampling); ``norm_groups`` the
     GroupNorm groups of VAE and UNets (32 = one channel per group at this width, which strips each
     channel's mean: harmless for random nets, but a trained VAE then cannot output flat colours, so
-    the trained miniature uses 4 channels per group as SD does).
+    the trained miniature uses 4 channels per group as SD does); ``unet_channels`` the two UNets'
+    width per level (the trained miniature is wider than the unit tests' nets).
     Initialisation uses a private RNG stream, so the global torch seed is left untouched.
     """
     apply_dual_transformer_patch()
@@ -298,7 +300,7 @@ def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
             layers_per_block=1, norm_num_groups=norm_groups, sample_size=64,
             scaling_factor=VD_SCALING_FACTOR,
         )
-        common = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        common = dict(sample_size=8, block_out_channels=tuple(unet_channels), layers_per_block=1,
                       cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=norm_groups)
         image_unet = UNet2DConditionModel(
             in_channels=4, out_channels=4,
