@@ -91,9 +91,9 @@ def test_reconstructions_beat_chance(base, unrelated):
     and CLIP (random evaluation CLIP) 0.826, chance 0.5."""
     full = _metrics(base)
     _show("full", full), _show("vdvae", _metrics(base, "vdvae")), _show("unrelated", unrelated)
-    assert full["PixCorr"] > 0.25 and full["PixCorr"] > unrelated["PixCorr"] + 0.2
+    assert full["PixCorr"] > 0.35 and full["PixCorr"] > unrelated["PixCorr"] + 0.2
     assert full["SSIM"] > unrelated["SSIM"] + 0.04
-    assert full["AlexNet(2)"] > 0.7 and full["CLIP"] > 0.65
+    assert full["AlexNet(2)"] > 0.75 and full["CLIP"] > 0.75
 
 
 def test_shuffled_fmri_falls_to_chance(base, unrelated, shuffled_rows, badshuffle):
@@ -133,7 +133,8 @@ def test_pathway_ablations_move_metrics_as_in_table_2(ablations):
     * w/o CLIP-Text (the mixing switch: vision only): Table 2 PixCorr .279 < .305, SSIM .333 < .367,
       AlexNet(2) 95.6 < 96.7, CLIP 91.2 < 92.5, EffNet-B .796 > .768; here PixCorr 0.452, SSIM 0.650,
       AlexNet(2) 0.811, CLIP 0.826, EffNet-B 0.341: PixCorr and AlexNet(2) fall as in Table 2 (asserted);
-      SSIM, CLIP and EffNet-B move by less than one image pair.
+      SSIM and CLIP move by less than one image pair, and EffNet-B improves a little (0.341 < 0.366)
+      where Table 2 has it worse, so it is no longer asserted.
     """
     full, vd, wov, wot = (ablations[k] for k in ("full", "only-vdvae", "wo-clipvision", "wo-cliptext"))
     for k, v in ablations.items():
@@ -141,8 +142,8 @@ def test_pathway_ablations_move_metrics_as_in_table_2(ablations):
     assert vd["PixCorr"] > full["PixCorr"] + 0.05
     assert wov["AlexNet(5)"] < full["AlexNet(5)"] - 0.02
     assert wov["PixCorr"] > full["PixCorr"] - 0.05
-    assert wot["PixCorr"] < full["PixCorr"] - 0.005
-    assert wot["AlexNet(2)"] < full["AlexNet(2)"] - 0.005
+    assert wot["PixCorr"] < full["PixCorr"] - 0.01
+    assert wot["AlexNet(2)"] < full["AlexNet(2)"] - 0.01
 
 
 @pytest.fixture(scope="module")
