@@ -31,7 +31,6 @@ def _cfg(tmp, *extra):
                             f"versatile.num_inference_steps={STEPS}", "versatile.batch_size=3", *extra])
 
 
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablations")

@@ -23,7 +23,6 @@ def _cfg(tmp_path, *extra):
                             *extra])
 
 
-
 @pytest.fixture(scope="module")
 def features_done(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ridge_step")

@@ -18,7 +18,6 @@ def _cfg(tmp_path, *extra):
                             "synthetic.n_voxels=20", "synthetic.image_size=16", *extra])
 
 
-
 def test_prepare_runs_once_then_skips_and_force_redoes(tmp_path):
     cfg = _cfg(tmp_path)
     spec = step_spec("prepare")

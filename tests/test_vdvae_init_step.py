@@ -28,7 +28,6 @@ def _cfg(tmp, *extra):
                             "vdvae_init.output_size=48", "vdvae_init.batch_size=2", "vdvae_init.seed=7", *extra])
 
 
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vdvae_init")

@@ -28,7 +28,6 @@ def _cfg(tmp, *extra):
                             *extra])
 
 
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("versatile_step")
