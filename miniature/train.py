@@ -89,12 +89,12 @@ class _Run:
     """Step loop with a cosine schedule, grad clipping, EMA and a loss log."""
 
     def __init__(self, name: str, params, steps: int, lr: float, ema_model=None, ema: float = 0.0,
-                 fused: bool = False):
+                 fused: bool | None = None):
         self.name, self.steps, self.base_lr = name, steps, lr
         self.params = [p for p in params if p.requires_grad]
         # fused=True (the UNet): one kernel over all ~300 tensors instead of one per tensor; its
-        # optimizer step had been a tenth of a training step
-        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.99), fused=fused or None)
+        # optimizer step had been a tenth of a training step. None: torch's default (foreach)
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.99), fused=fused)
         self.ema_model, self.ema = ema_model, ema
         self.curve: list[dict] = []
         self.recent: dict[str, list[float]] = {}
