@@ -3,6 +3,7 @@
 
     python re_recon_main.py dropout_demo --dry-run        # what is complete, what would run
     python re_recon_main.py dropout_demo                  # run what is missing, here
+    python re_recon_main.py dropout_demo --executor inline  # ... in this process, networks loaded once
     python re_recon_main.py dropout_deeprecon --executor slurm --partition gpu --gpus 1
     python re_recon_main.py dropout_deeprecon --status    # done / running / failed, with logs
     python re_recon_main.py dropout_deeprecon --report    # tables and plots only
@@ -27,6 +28,9 @@ from pipeline.errors import UserError
 from pipeline.layout import experiment_dir
 
 
+EXECUTORS = ("inline", "local", "slurm", "debug")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli import OneLineParser
 
@@ -41,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", "-s", action="append", default=None, help="restrict to these subjects")
     p.add_argument("--variant", action="append", default=None, metavar="GLOB", help="restrict to matching variants")
     p.add_argument("--device", default=None)
-    p.add_argument("--executor", choices=("local", "slurm", "debug"), default=None,
-                   help="local: subprocesses here; slurm: submit with submitit; debug: in this process")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="inline: one task after another in this process, networks loaded once; local: a "
+                        "subprocess per task here; slurm: submit with submitit; debug: submitit in this process")
     p.add_argument("--max-parallel", type=int, default=None, help="local executor: tasks at a time (default 1)")
     p.add_argument("--partition", default=None)
     p.add_argument("--gpus", type=int, default=None)
@@ -68,6 +73,8 @@ def select_tasks(exp, args) -> list:
 def executor_settings(exp, args) -> dict:
     e = dict(exp.executor)
     pick = lambda flag, key, default: flag if flag is not None else e.get(key, default)  # noqa: E731
+    if args.executor is None and e.get("name", "local") not in EXECUTORS:
+        raise UserError(f"{exp.path}: [executor] name = {e['name']!r}; expected one of {', '.join(EXECUTORS)}")
     return {
         "name": pick(args.executor, "name", "local"),
         "max_parallel": pick(args.max_parallel, "max_parallel", 1),
@@ -177,9 +184,12 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
 
     SLURM: the second wave waits for the first through a job dependency and this command returns
     at once (follow with --status). Local/debug: at most ``max_parallel`` tasks at a time, here.
+    Inline: one after another in this process (``run_inline``).
     """
-    executor = make_executor(settings, log_dir)
     waves = [[t for t in todo if t.variant.name == BASE_VARIANT], [t for t in todo if t.variant.name != BASE_VARIANT]]
+    if settings["name"] == "inline":
+        return run_inline(exp, [t for wave in waves for t in wave], args)
+    executor = make_executor(settings, log_dir)
     if settings["name"] == "slurm":
         first = [_submit(executor, exp, t, log_dir, args) for t in waves[0]]
         if first:
@@ -211,6 +221,28 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
             running = still
             if running:
                 time.sleep(1.0)
+    if failures:
+        raise UserError(f"{len(failures)} task(s) failed, e.g. {failures[0][0]}: {failures[0][1]} "
+                        f"(see --status; rerun to retry only those)")
+    return True
+
+
+def run_inline(exp, todo, args) -> bool:
+    """Run the tasks one after another in this process: no process start-up and no reloading of the
+    networks per task (half of the demo grid's time on a CPU). Their log is this terminal's."""
+    failures = []
+    for task in todo:
+        cfg = ex.task_config(exp, task, args.config, args.overrides)
+        io.save_json(ex.job_path(cfg, task), {"job_id": f"inline-{os.getpid()}", "log": ""})
+        print(f"running   {task.name}", flush=True)
+        try:
+            ex.run_task(str(exp.path), task.name, args.device, tuple(args.config), tuple(args.overrides),
+                        not args.no_progress)
+        except Exception as exc:  # noqa: BLE001 - recorded by run_task; one failed task must not stop the grid
+            failures.append((task.name, " ".join(f"{type(exc).__name__}: {exc}".split())))
+            print(f"FAILED    {task.name}: {failures[-1][1]}", file=sys.stderr)
+        else:
+            print(f"done      {task.name}")
     if failures:
         raise UserError(f"{len(failures)} task(s) failed, e.g. {failures[0][0]}: {failures[0][1]} "
                         f"(see --status; rerun to retry only those)")

@@ -88,6 +88,7 @@ def test_grid_runs_once_and_reruns_only_what_is_missing(tmp_path, capsys):
     assert re_recon_main.main(args) == 0
     out = capsys.readouterr().out
     assert "4 tasks, 0 complete, 4 to run" in out
+    assert out.index("sub1__base") < out.index("sub2__base") < out.index("sub1__random")  # base tasks first
     sub1 = tmp_path / "res" / "synthetic" / "sub1"
     kept = np.load(sub1 / "random_fraction-0.5" / "variant" / "train_indices.npy")
     assert len(kept) == 15 and len(np.unique(kept)) == 15
@@ -144,6 +145,39 @@ def test_failed_task_outcome_comes_from_the_task_record(tmp_path, capsys):
     assert "sub1__base" in status and " failed " in status and "UserError: " in status  # data dir under a file
     assert re_recon_main.main([str(path), "--dry-run"]) == 0
     assert "1 tasks, 0 complete, 1 to run" in capsys.readouterr().out
+
+
+def test_inline_executor_runs_the_grid_in_this_process_and_records_failures(tmp_path, capsys):
+    """``inline`` (the demo grids' executor) runs base tasks first, one after another here; a failed
+    task is recorded, does not stop the others, and the grid exits with code 2."""
+    (tmp_path / "afile").write_text("x")
+    path = _write(tmp_path, f"""
+        [experiment]
+        dataset = "synthetic"
+        subjects = ["1", "2"]
+        configs = ["{ROOT}/configs/demo.toml"]
+        [set]
+        "paths.data_dir" = "{tmp_path}/afile/data"
+        "paths.results_dir" = "{tmp_path}/res"
+        [[variants]]
+        method = "random"
+        fraction = 0.5
+        [executor]
+        name = "inline"
+    """)
+    assert re_recon_main.main([str(path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    ran = [ln.split()[1] for ln in captured.out.splitlines() if ln.startswith("running ")]
+    assert ran == ["sub1__base", "sub2__base", "sub1__random_fraction-0.5", "sub2__random_fraction-0.5"]
+    assert captured.err.count("FAILED    ") == 4 and "error: 4 task(s) failed, e.g. sub1__base:" in captured.err
+    assert re_recon_main.main([str(path), "--status"]) == 0
+    status = capsys.readouterr().out
+    assert status.count(" failed ") == 4 and "inline-" not in status  # no log file: it went to this terminal
+    assert not (tmp_path / "res" / "experiments" / "grid" / "logs").exists()  # no submitit folder
+
+    path.write_text(path.read_text().replace('name = "inline"', 'name = "threads"'))
+    assert re_recon_main.main([str(path)]) == 2
+    assert "[executor] name = 'threads'; expected one of inline, local, slurm, debug" in capsys.readouterr().err
 
 
 def test_variant_keys_names_and_values_are_checked_when_the_file_is_read(tmp_path):
