@@ -170,7 +170,12 @@ def test_optimisation_lowers_the_feature_loss(nets):
 
 
 def test_batched_loop_equals_bdpy_reconstruct_per_image(nets, tmp_path):
-    """Image 0 of a batch of two equals bdpy's single-image iCNN with the same start and settings."""
+    """Each image of a batch is optimised on its own (bit for bit whatever the others are), and
+    the loop equals bdpy's single-image iCNN with the same start and settings.
+
+    Image 0 of a batch of *two* is not compared with bdpy: at lr 2 the iterations amplify rounding,
+    and a two-row matrix product rounds differently from a one-row one on some CPUs (AVX-512 AMD
+    EPYC: 3e-4 apart after one step, 20 % after four; batches of one and three agree to 1e-6)."""
     import torch.optim as optim
     from bdpy.dl.torch.models import layer_map
     from bdpy.recon.torch.icnn import reconstruct as bdpy_reconstruct
@@ -178,19 +183,28 @@ def test_batched_loop_equals_bdpy_reconstruct_per_image(nets, tmp_path):
     enc, gen = nets
     layers = ["conv1_2", "conv2_2", "fc7"]
     targets = _targets_from_code(enc, gen, layers, n=2)
-    z0 = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
-    kw = dict(n_iter=4, lr=(2.0, 1e-10), momentum=(0.9, 0.9), decay=(0.01, 0.01))
-    ours, hist = recon.reconstruct(targets, enc, gen, seeds=[5, 6], latent_dim=64, image_size=SIZE,
-                                  lower_bound=0.0, progress=False, **kw)
-    w = recon.layer_weights(targets)
+    others = _targets_from_code(enc, gen, layers, seed=7, n=2)
+    kw = dict(n_iter=4, lr=(2.0, 1e-10), momentum=(0.9, 0.9), decay=(0.01, 0.01), latent_dim=64,
+              image_size=SIZE, lower_bound=0.0, progress=False)
+    pair, hist = recon.reconstruct(targets, enc, gen, seeds=[5, 6], **kw)
+    swapped = {l: torch.stack([targets[l][0], others[l][1]]) for l in layers}  # image 1: other target, start
+    pair2, hist2 = recon.reconstruct(swapped, enc, gen, seeds=[5, 9], **kw)
+    assert torch.equal(pair[0], pair2[0]) and np.array_equal(hist[:, 0], hist2[:, 0])
+    assert not np.allclose(pair[1].numpy(), pair2[1].numpy(), atol=1.0)  # the other image has its own run
+
+    one = {l: t[:1] for l, t in targets.items()}
+    ours, ours_hist = recon.reconstruct(one, enc, gen, seeds=[5], **kw)
+    w = recon.layer_weights(one)
+    z0 = torch.randn(64, generator=torch.Generator().manual_seed(5))
     theirs, their_hist = bdpy_reconstruct(
-        {l: t[:1].numpy() for l, t in targets.items()}, enc, layer_mapping=layer_map("vgg19"), generator=gen,
+        {l: t.numpy() for l, t in one.items()}, enc, layer_mapping=layer_map("vgg19"), generator=gen,
         optimizer=optim.SGD, layer_weights={l: float(w[l][0]) for l in layers}, image_size=(SIZE, SIZE, 3),
-        initial_feature=z0[0].numpy(), feature_size=(64,), feature_lower_bound=0.0, output_dir=str(tmp_path),
-        save_snapshot=False, disp_interval=10**9, return_loss=True, device="cpu", **kw)
-    np.testing.assert_allclose(hist[:, 0], their_hist, rtol=1e-3)
+        initial_feature=z0.numpy(), feature_size=(64,), feature_lower_bound=0.0, output_dir=str(tmp_path),
+        save_snapshot=False, disp_interval=10**9, return_loss=True, device="cpu",
+        **{k: kw[k] for k in ("n_iter", "lr", "momentum", "decay")})
+    np.testing.assert_allclose(ours_hist[:, 0], their_hist, rtol=1e-4)
     np.testing.assert_allclose(ours[0].numpy(), theirs, rtol=1e-3, atol=1e-2)
-    assert not np.allclose(ours[1].numpy(), theirs, atol=1.0)  # the other image has its own start
+    assert their_hist[-1] < 0.5 * their_hist[1]  # it optimises: a loop that stood still would also agree
 
 
 # ------------------------------------------------------------------------------- the step
