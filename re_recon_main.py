@@ -212,19 +212,29 @@ def submit_all(exp, todo, settings, log_dir: Path, args) -> bool:
                 if not _job_finished(job):
                     still.append((task, job))
                     continue
-                outcome, error = task_outcome(exp, task, args, str(job.paths.stderr))
-                if outcome == "done":
-                    print(f"done      {task.name}")
-                else:  # one failed task must not stop the grid
-                    failures.append((task.name, error))
-                    print(f"FAILED    {task.name}: {error}", file=sys.stderr)
+                _report_outcome(exp, task, args, str(job.paths.stderr), failures)
             running = still
             if running:
                 time.sleep(1.0)
+    _raise_if_failed(failures)
+    return True
+
+
+def _report_outcome(exp, task, args, log: str, failures: list) -> None:
+    """Print the task's outcome from its record; a failure is collected, not raised: one failed
+    task must not stop the grid."""
+    outcome, error = task_outcome(exp, task, args, log)
+    if outcome == "done":
+        print(f"done      {task.name}")
+    else:
+        failures.append((task.name, error))
+        print(f"FAILED    {task.name}: {error}", file=sys.stderr)
+
+
+def _raise_if_failed(failures: list) -> None:
     if failures:
         raise UserError(f"{len(failures)} task(s) failed, e.g. {failures[0][0]}: {failures[0][1]} "
                         f"(see --status; rerun to retry only those)")
-    return True
 
 
 def run_inline(exp, todo, args) -> bool:
@@ -233,19 +243,16 @@ def run_inline(exp, todo, args) -> bool:
     failures = []
     for task in todo:
         cfg = ex.task_config(exp, task, args.config, args.overrides)
+        io.save_json(ex.status_path(cfg, task), {"task": task.name, "state": "submitted"})  # no stale outcome
         io.save_json(ex.job_path(cfg, task), {"job_id": f"inline-{os.getpid()}", "log": ""})
         print(f"running   {task.name}", flush=True)
         try:
             ex.run_task(str(exp.path), task.name, args.device, tuple(args.config), tuple(args.overrides),
                         not args.no_progress)
-        except Exception as exc:  # noqa: BLE001 - recorded by run_task; one failed task must not stop the grid
-            failures.append((task.name, " ".join(f"{type(exc).__name__}: {exc}".split())))
-            print(f"FAILED    {task.name}: {failures[-1][1]}", file=sys.stderr)
-        else:
-            print(f"done      {task.name}")
-    if failures:
-        raise UserError(f"{len(failures)} task(s) failed, e.g. {failures[0][0]}: {failures[0][1]} "
-                        f"(see --status; rerun to retry only those)")
+        except Exception:  # noqa: BLE001 - run_task has recorded it; _report_outcome reads the record
+            pass
+        _report_outcome(exp, task, args, "this terminal", failures)
+    _raise_if_failed(failures)
     return True
 
 
