@@ -117,19 +117,28 @@ def make_synthetic(n_train: int, n_test: int, n_voxels: int, image_size: int, no
     return splits[0], splits[1]
 
 
-def draw_pool(n: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` images (uint8 (n, S, S, 3)) and their captions from the same generator as the subjects'
-    images (every 8th a photo crop), drawn from their own stream ``default_rng([seed, POOL_STREAM])``:
-    the training pool of the miniature models (``miniature.train``), disjoint from every subject's
-    train and test images (those come from ``default_rng(synthetic.seed)``)."""
+def draw_pool(n: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` images (uint8 (n, S, S, 3)), their captions and attribute vectors (``colour_pair``)
+    from the same generator as the subjects' images (every 8th a photo crop), drawn from their own
+    stream ``default_rng([seed, POOL_STREAM])``: the training pool of the miniature models
+    (``miniature.train``), disjoint from every subject's train and test images (those come from
+    ``default_rng(synthetic.seed)``)."""
     rng = np.random.default_rng([seed, POOL_STREAM])
     stim = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    caps = []
+    caps, attrs = [], np.empty((n, _N_ATTRS), dtype=np.float32)
     for i in range(n):
         draw = _photo if i % PHOTO_EVERY == PHOTO_EVERY - 1 else _draw
-        stim[i], c, _ = draw(rng, image_size)
+        stim[i], c, attrs[i] = draw(rng, image_size)
         caps.append(c)
-    return stim, captions_array(caps)
+    return stim, captions_array(caps), attrs
+
+
+def colour_pair(attrs: np.ndarray) -> np.ndarray:
+    """(n, n_attrs) attribute vectors -> (n,) int: ``fg * n_colours + bg`` of each drawn shape, -1 for
+    a photo crop (which has no colours)."""
+    k = len(COLOURS)
+    pair = attrs[:, :k].argmax(1) * k + attrs[:, k:2 * k].argmax(1)
+    return np.where(attrs[:, -1] > 0, -1, pair)
 
 
 def prepare_subject(out_dir: Path, subject: str, *, n_train: int = 96, n_test: int = 8, n_voxels: int = 256,

@@ -10,7 +10,7 @@ import torch
 
 import miniature
 from models import vdvae as m
-from prepare_data.synthetic import draw_pool
+from prepare_data.synthetic import colour_pair, draw_pool
 
 
 # ----------------------------------------------------------------------------- the VDVAE objective
@@ -71,7 +71,7 @@ def test_committed_weights_match_their_manifest_and_budget():
 @pytest.fixture(scope="module")
 def fresh_images():
     """Images the miniature never saw: the pool generator with another seed."""
-    stim, caps = draw_pool(48, 128, seed=991)
+    stim, caps, _ = draw_pool(48, 128, seed=991)
     return stim, caps
 
 
@@ -112,6 +112,40 @@ def test_trained_clip_matches_images_to_their_captions(fresh_images):
     sim = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
     top1 = (sim.argmax(dim=1) == torch.arange(len(stim))).float().mean().item()
     assert top1 > 0.4
+
+
+# ----------------------------------------------------------------------------- CLIP batches
+def test_colour_pair_reads_the_generators_attributes():
+    from prepare_data.synthetic import COLOURS
+
+    _, caps, attrs = draw_pool(40, 32, seed=5)
+    pairs = colour_pair(attrs)
+    names = list(COLOURS)
+    for cap, pair in zip(caps[:, 0], pairs):
+        words = str(cap).split()
+        if words[-1] != "background":  # a photo: "a photo of a tabby cat", ...
+            assert pair == -1
+        else:  # "a {fg} {shape} on a {bg} background"
+            assert pair == names.index(words[1]) * len(names) + names.index(words[-2])
+
+
+def test_clip_batches_hold_colour_pair_groups_without_repeats():
+    from miniature.train import _clip_batch
+
+    rng = np.random.default_rng(0)
+    pairs = np.repeat(np.arange(10), 8)
+    pairs[::9] = -1  # photos are never grouped
+    for _ in range(20):
+        idx = _clip_batch(pairs, 32, 4, rng)
+        assert len(idx) == 32 and len(set(idx.tolist())) == 32
+        grouped = pairs[idx[:16]].reshape(4, 4)
+        assert (grouped >= 0).all() and (grouped == grouped[:, :1]).all()
+        assert len(set(grouped[:, 0].tolist())) == 4  # four different colour pairs
+    # too few images per pair for a group of 9: plain uniform batches
+    idx = _clip_batch(pairs, 32, 9, rng)
+    assert len(set(idx.tolist())) == 32
+    assert np.array_equal(_clip_batch(pairs, 16, 1, np.random.default_rng(1)),
+                          np.random.default_rng(1).choice(len(pairs), 16, replace=False))
 
 
 # ----------------------------------------------------------------------------- model modes
