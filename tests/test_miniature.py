@@ -10,7 +10,7 @@ import torch
 
 import miniature
 from models import vdvae as m
-from prepare_data.synthetic import colour_pair, draw_pool
+from prepare_data.synthetic import COLOURS, colour_pair, draw_pool
 
 
 # ----------------------------------------------------------------------------- the VDVAE objective
@@ -116,8 +116,6 @@ def test_trained_clip_matches_images_to_their_captions(fresh_images):
 
 # ----------------------------------------------------------------------------- CLIP batches
 def test_colour_pair_reads_the_generators_attributes():
-    from prepare_data.synthetic import COLOURS
-
     _, caps, attrs = draw_pool(40, 32, seed=5)
     pairs = colour_pair(attrs)
     names = list(COLOURS)
