@@ -60,7 +60,7 @@ def linear_probes(clip, n: int = 2400, seed: int = 123, image_size: int = 128,
     if "text tokens" in features:
         feats["text tokens"] = clip.encode_captions_per_image(caps[drawn], progress=False)
     if {"vision CLS", "vision patches"} & set(features):
-        vision = clip.encode_pixels(clip.pixel_values(stim[drawn])).numpy()
+        vision = clip.encode_images(stim[drawn], batch_size=256, progress=False)
         feats["vision CLS"], feats["vision patches"] = vision[:, :1], vision[:, 1:]
     labels = attribute_labels(attrs[drawn])
     table = {f: {a: probe_accuracy(feats[f], labels[a]) for a in ATTRIBUTES} for f in features}

@@ -177,7 +177,7 @@ def test_probe_reads_an_encoded_label_and_falls_to_chance_without_it():
 
 
 def test_trained_clip_text_tokens_carry_the_shape_words():
-    """The caption-averaged text tokens name the shape (measured 100 % of 4 on 400 images, chance 25 %)."""
+    """The caption-averaged text tokens name the shape (measured 100 % of 4 at this n, chance 25 %)."""
     from miniature.probe import linear_probes
 
     table = linear_probes(miniature.load_clip(), n=240, features=["text tokens"])

@@ -173,13 +173,6 @@ def test_ten_percent_of_the_training_set_scores_lower(base, tenth):
     assert tenth["AlexNet(2)"] < full["AlexNet(2)"] - 0.1
 
 
-def _pixcorr(a, b):
-    """Mean over images of the Pearson correlation of their flattened pixels."""
-    a, b = a.reshape(len(a), -1).astype(float), b.reshape(len(b), -1).astype(float)
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    return float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
-
-
 def test_oracle_grid_redraws_the_seen_images_from_exact_embeddings(base, tmp_path):
     """``miniature.probe.oracle_grid``: the seen images, then img2img from their exact CLIP embeddings
     (both, text only, vision only) with the seen image as the init. Measured PixCorr against the seen
@@ -187,6 +180,7 @@ def test_oracle_grid_redraws_the_seen_images_from_exact_embeddings(base, tmp_pat
     decoded run, yet not near 1: the UNet misdraws shapes even from exact conditions (README)."""
     from PIL import Image
 
+    from evaluation.metrics import pixcorr
     from miniature.probe import oracle_grid
     from pipeline.config import load_config
 
@@ -199,7 +193,7 @@ def test_oracle_grid_redraws_the_seen_images_from_exact_embeddings(base, tmp_pat
     stim = np.load(_fmri_path(base).parent / f"test_stim_{SUB}.npy")
     seen = np.stack([np.asarray(Image.fromarray(s).resize((side, side), Image.Resampling.BICUBIC)) for s in stim])
     assert np.array_equal(rows[0], seen)
-    both, text, vision = (_pixcorr(r, seen) for r in rows[1:])
+    both, text, vision = (np.mean([pixcorr(r / 255.0, s / 255.0) for r, s in zip(row, seen)]) for row in rows[1:])
     print("oracle PixCorr", round(both, 3), round(text, 3), round(vision, 3))
     assert both > _metrics(base)["PixCorr"] + 0.2
     assert vision > text + 0.1 and text > 0.45
