@@ -185,6 +185,67 @@ def test_trained_clip_text_tokens_carry_the_shape_words():
     assert table["text tokens"]["shape"] > 0.8
 
 
+def test_variance_shares_match_a_least_squares_fit_on_class_dummies():
+    """The share of variance an attribute explains is the R^2 of regressing the features on its
+    class indicators (computed here with lstsq); a label the features do not carry explains ~0."""
+    from miniature.probe import variance_shares
+
+    rng = np.random.default_rng(1)
+    y, unrelated = rng.integers(0, 4, 500), rng.integers(0, 3, 500)
+    x = rng.normal(size=(500, 2, 3))
+    x[:, 0, 0] += 2.0 * y  # class means 0, 2, 4, 6 in one of six dimensions
+    shares = variance_shares(x, {"planted": y, "unrelated": unrelated})
+    flat = x.reshape(500, -1)
+    dummies = np.eye(4)[y]
+    fit = dummies @ np.linalg.lstsq(dummies, flat, rcond=None)[0]
+    r2 = 1 - ((flat - fit) ** 2).sum() / ((flat - flat.mean(0)) ** 2).sum()
+    assert shares["planted"] == pytest.approx(r2, rel=1e-9)
+    assert 0.3 < shares["planted"] < 0.5  # 5 / (5 + 6): between variance 5 of a total 11
+    assert shares["unrelated"] < 0.01
+
+
+def test_swap_attribute_changes_exactly_one_word_of_each_caption():
+    from miniature.probe import attribute_labels, swap_attribute
+    from prepare_data.synthetic import SHAPES
+
+    _, caps, attrs = draw_pool(48, 32, seed=6)
+    labels, names = attribute_labels(attrs), list(COLOURS)
+    drawn = attrs[:, -1] == 0
+    for attribute in ("shape", "fg colour", "bg colour"):
+        swapped = swap_attribute(caps, attrs, attribute)
+        for i in np.flatnonzero(drawn):
+            for before, after in zip(caps[i], swapped[i]):
+                old, new = str(before).split(), str(after).split()
+                changed = [k for k in range(len(old)) if old[k] != new[k]]
+                if attribute == "shape":
+                    assert len(changed) == 1 and old[changed[0]] == SHAPES[labels["shape"][i]]
+                    assert new[changed[0]] in SHAPES
+                elif attribute == "bg colour":
+                    # only "a {shape} in {fg} at the {position}" does not name the background
+                    if "background" in old:
+                        assert changed == [old.index("background") - 1]
+                    else:
+                        assert not changed
+                else:
+                    assert len(changed) == 1 and old[changed[0]] == names[labels["fg colour"][i]]
+                if changed:
+                    assert new[changed[0]] not in (names[labels["fg colour"][i]], names[labels["bg colour"][i]])
+    with pytest.raises(ValueError, match="unknown attribute"):
+        swap_attribute(caps, attrs, "size")
+
+
+def test_trained_unet_reads_the_colour_words():
+    """``caption_swap_sensitivity`` on the committed miniature: naming another object colour in the
+    caption makes the UNet's clean-latent estimate clearly worse (measured +19 % at t = 500 on the
+    committed weights; shape +1 %). The shape word's effect is printed, not asserted: it is the
+    miniature's known weakness (README)."""
+    from miniature.probe import caption_swap_sensitivity
+
+    sens = caption_swap_sensitivity(miniature.load_clip(), miniature.load_versatile(), n=96, timesteps=(500,))
+    print("caption swap sensitivity at t=500", {k: round(v[500], 4) for k, v in sens.items()})
+    assert sens["fg colour"][500] > 0.05
+
+
 # ----------------------------------------------------------------------------- model modes
 def test_model_modes_and_deprecated_key(capsys):
     from pipeline.config import load_config
