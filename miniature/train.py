@@ -75,7 +75,7 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4
-    unet_steps: int = 4900  # the 64/128-wide UNet: 0.24 s/step on two cores; keeps the rebuild under 30 min
+    unet_steps: int = 4900  # the 64/128-wide UNet: 0.20-0.27 s/step on two ranks; a rebuild of about 30 min
     unet_batch: int = 24  # more steps of fewer images beat 4,200 of 32 in the same time (issue 15 notes)
     unet_lr: float = 1e-3
     unet_t_max: int = 800  # training timesteps uniform in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)
