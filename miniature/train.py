@@ -21,7 +21,8 @@ Weights are written as fp16 safetensors (max output change measured and recorded
 ``manifest.json``: sha256 per file, config, seed, command, final losses, wall time.
 
 With ``parallel`` (the default) the AutoencoderKL and VDVAE train in two more processes while CLIP
-trains in this one; the UNet then trains data-parallel in ``unet_ranks`` one-thread processes
+trains in this one (VDVAE's at a lower priority, ``vdvae_nice``, so the AutoencoderKL, which has
+the most work, does not end alone on one of two cores); the UNet then trains data-parallel in ``unet_ranks`` one-thread processes
 (torch.distributed over gloo, each rank half of every batch). Every stage draws from its own
 random stream, so the schedule does not change the weights; the thread and rank counts can (float
 reductions), and the manifest records them.
@@ -35,6 +36,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -62,6 +64,7 @@ class TrainConfig:
     pool_image_size: int = 128  # the subjects' images are drawn at 128 px (configs/demo.toml)
     threads: int = 1  # per training process: tiny convolutions gain little from a second thread
     parallel: bool = True  # train the AutoencoderKL and VDVAE in two more processes while CLIP trains
+    vdvae_nice: int = 3  # with parallel: the VDVAE process yields CPU to the AutoencoderKL, the longest stage
     unet_ranks: int = 2  # the UNet trains last, data-parallel in this many one-thread processes (train_unet)
     unet_threads: int = 2  # with unet_ranks = 1: the one process's threads
     clip_steps: int = 300
@@ -254,8 +257,17 @@ def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator
         loss = l1 + mse + cfg.vae_kl * kl
         run.step(i, loss, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()})
     vae.eval().requires_grad_(False)
+    # the pool pass on every core (34 s on one thread, 19 s on two, at 10,000 images): by now the
+    # other phase-one stages are done or nearly, and an encoder forward pass gives the same bits on
+    # any thread count (each output is summed by one thread; checked on the 2-core EPYC)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))
+    try:
+        with torch.no_grad():
+            post = [vae.encode(data[j:j + 256]).latent_dist for j in range(0, len(data), 256)]
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
-        post = [vae.encode(data[j:j + 256]).latent_dist for j in range(0, len(data), 256)]
         zs = torch.cat([p.sample(generator=g) for p in post])
     scaling = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -276,10 +288,14 @@ def _vae_job(cfg: TrainConfig, vae_in, steps: int, tqdm_position: int = 0):
     return vae.state_dict(), run.curve, scaling, latents, time.time() - t0
 
 
-def _vdvae_job(cfg: TrainConfig, small, steps: int, tqdm_position: int = 0):
+def _vdvae_job(cfg: TrainConfig, small, steps: int, tqdm_position: int = 0, nice: int = 0):
     """The VDVAE stage on its own, as run in a third training process: its EMA state, loss curve
-    and wall time."""
+    and wall time. ``nice`` > 0 lowers this process's priority: on two cores the three phase-one
+    processes share them, and the AutoencoderKL, which has the most work, would otherwise finish
+    last and alone, one core idle (only the schedule changes, never the weights)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if nice > 0 and hasattr(os, "nice"):
+        os.nice(nice)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     model, run = train_vdvae(cfg, small, steps, _stream(cfg, "vdvae"), tqdm_position)
@@ -512,7 +528,7 @@ def main(argv=None) -> int:
 
         pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
         vae_future = pool.submit(_vae_job, cfg, vae_in, vae_steps, 1)
-        vdvae_future = pool.submit(_vdvae_job, cfg, small, vdvae_steps, 2)
+        vdvae_future = pool.submit(_vdvae_job, cfg, small, vdvae_steps, 2, cfg.vdvae_nice)
     try:
         t0 = time.time()
         clip, clip_run, pixels = train_clip(cfg, stim, caps, pairs, _steps(cfg.clip_steps, cfg, a.scale),
@@ -556,7 +572,8 @@ def main(argv=None) -> int:
         "loss_curves": curves,
         "fp16_max_abs_change": fp16,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t_all, 1)},
-        "torch_threads": {"per_process": cfg.threads, "parallel": cfg.parallel, "unet_ranks": cfg.unet_ranks,
+        "torch_threads": {"per_process": cfg.threads, "parallel": cfg.parallel, "vdvae_nice": cfg.vdvae_nice,
+                          "unet_ranks": cfg.unet_ranks,
                           "unet": cfg.unet_threads if cfg.unet_ranks == 1 else 1},
         "versions": {"torch": torch.__version__},
     }
