@@ -22,8 +22,8 @@ Weights are written as fp16 safetensors (max output change measured and recorded
 
 With ``parallel`` (the default) the AutoencoderKL and VDVAE train in two more processes while CLIP
 trains in this one (VDVAE's at a lower priority, ``vdvae_nice``, so the AutoencoderKL, which has
-the most work, does not end alone on one of two cores); the UNet then trains data-parallel in ``unet_ranks`` one-thread processes
-(torch.distributed over gloo, each rank half of every batch). Every stage draws from its own
+the most work, does not end alone on one of two cores); the UNet then trains data-parallel in
+``unet_ranks`` one-thread processes (torch.distributed over gloo, each rank half of every batch). Every stage draws from its own
 random stream, so the schedule does not change the weights; the thread and rank counts can (float
 reductions), and the manifest records them.
 """
@@ -261,13 +261,12 @@ def train_vae(cfg: TrainConfig, vae, small, steps: int, rng: np.random.Generator
     # other phase-one stages are done or nearly, and an encoder forward pass gives the same bits on
     # any thread count (each output is summed by one thread; checked on the 2-core EPYC)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, os.cpu_count() or 1))
-    try:
-        with torch.no_grad():
-            post = [vae.encode(data[j:j + 256]).latent_dist for j in range(0, len(data), 256)]
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        try:
+            post = [vae.encode(data[j:j + 256]).latent_dist for j in range(0, len(data), 256)]
+        finally:
+            torch.set_num_threads(threads)
         zs = torch.cat([p.sample(generator=g) for p in post])
     scaling = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -572,8 +571,7 @@ def main(argv=None) -> int:
         "loss_curves": curves,
         "fp16_max_abs_change": fp16,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t_all, 1)},
-        "torch_threads": {"per_process": cfg.threads, "parallel": cfg.parallel, "vdvae_nice": cfg.vdvae_nice,
-                          "unet_ranks": cfg.unet_ranks,
+        "torch_threads": {"per_process": cfg.threads, "parallel": cfg.parallel, "unet_ranks": cfg.unet_ranks,
                           "unet": cfg.unet_threads if cfg.unet_ranks == 1 else 1},
         "versions": {"torch": torch.__version__},
     }
