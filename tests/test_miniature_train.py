@@ -70,3 +70,28 @@ def test_data_parallel_unet_takes_the_one_process_step():
     apart = torch.cat([(w1[k] - w2[k]).flatten() for k in init]).norm()
     assert moved > 0.1
     assert apart < 1e-3 * moved  # measured 3e-6 of 1.09 after 12 steps
+
+
+def test_unet_timestep_power_shifts_training_toward_high_noise():
+    """``unet_t_power`` > 1 draws the UNet's training timesteps with a density rising with t (the
+    img2img steps that must take the shape from the condition); 1 is the committed uniform draw."""
+    import numpy as np
+    import torch
+
+    n, t_max = 4000, 800
+    stats = torch.zeros(2, 3), torch.ones(2, 3)
+    data = {"mean": torch.zeros(n, 4, 1, 1), "std": torch.zeros(n, 4, 1, 1), "vision": torch.zeros(n, 2, 3),
+            "text": torch.zeros(n, 2, 3), "v_unc": torch.zeros(2, 3), "t_unc": torch.zeros(2, 3),
+            "v_stats": stats, "t_stats": stats}
+    ac = torch.linspace(0.999, 0.01, 1000)
+    ts = {}
+    for power in (1.0, 2.0):
+        cfg = train.TrainConfig(unet_batch=n, unet_t_max=t_max, unet_t_power=power)
+        t = train._unet_batch(cfg, data, ac, np.random.default_rng(0), torch.Generator().manual_seed(0))[1]
+        assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) < t_max
+        ts[power] = t.double()
+    # uniform: mean (t_max - 1) / 2, a quarter above 600; density ∝ t: mean 2/3 t_max, 1 - (600/800)^2 above 600
+    assert float(ts[1.0].mean()) == pytest.approx(399.5, abs=12)
+    assert float((ts[1.0] >= 600).double().mean()) == pytest.approx(0.25, abs=0.025)
+    assert float(ts[2.0].mean()) == pytest.approx(533.3, abs=12)
+    assert float((ts[2.0] >= 600).double().mean()) == pytest.approx(0.4375, abs=0.025)
