@@ -81,7 +81,7 @@ class TrainConfig:
     unet_steps: int = 4900  # the 64/128-wide UNet: 0.20-0.27 s/step on two ranks; a rebuild of about 30 min
     unet_batch: int = 24  # more steps of fewer images beat 4,200 of 32 in the same time (issue 15 notes)
     unet_lr: float = 1e-3
-    unet_t_max: int = 800  # training timesteps uniform in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)
+    unet_t_max: int = 800  # training timesteps in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)
     unet_t_power: float = 1.0  # >1: timesteps t_max * u^(1/power), density rising with t (1: uniform, as committed)
     p_drop: float = 0.15  # each condition independently replaced by its unconditional embedding
     cond_noise: float = 0.5  # largest share of each condition's variance replaced by noise (see _blur_condition)
@@ -512,6 +512,8 @@ def main(argv=None) -> int:
             p.error(str(e))
     if cfg.unet_ranks < 1 or cfg.unet_batch % cfg.unet_ranks:
         p.error(f"unet_batch ({cfg.unet_batch}) must split evenly over unet_ranks ({cfg.unet_ranks})")
+    if cfg.unet_t_power <= 0:
+        p.error(f"unet_t_power must be > 0, got {cfg.unet_t_power}")
     torch.set_num_threads(cfg.threads)
     t_all = time.time()
     times = {}
