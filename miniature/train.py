@@ -9,7 +9,7 @@ Order: (1) a training pool of ``n_pool`` images with captions from the synthetic
 ELBO (DMoL likelihood + KL of every group) in nats/dim; (4) AutoencoderKL, L1 + MSE
 reconstruction + small KL, then the latent scaling factor is set to 1/std of the scaled latents as
 SD's 0.18215 was; (5) the dual-attention image UNet as an epsilon-prediction denoiser on the
-VAE latents with VD's scaled-linear schedule (t uniform in ``[0, unet_t_max)``), conditioned on the trained
+VAE latents with VD's scaled-linear schedule (t in ``[0, unet_t_max)``, density rising as t^(unet_t_power-1)), conditioned on the trained
 CLIP's vision tokens and caption-averaged text tokens (the features the ridge learns to predict),
 each condition replaced by its unconditional embedding (gray image / empty caption) with
 probability ``p_drop`` so classifier-free guidance works, each kept condition partly replaced by
@@ -82,7 +82,7 @@ class TrainConfig:
     unet_batch: int = 24  # more steps of fewer images beat 4,200 of 32 in the same time (issue 15 notes)
     unet_lr: float = 1e-3
     unet_t_max: int = 800  # training timesteps in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)
-    unet_t_power: float = 1.0  # >1: timesteps t_max * u^(1/power), density rising with t (1: uniform, as committed)
+    unet_t_power: float = 2.0  # timesteps t_max * u^(1/power): 44 % at t >= 600, where img2img takes the content from the condition (1: uniform)
     p_drop: float = 0.15  # each condition independently replaced by its unconditional embedding
     cond_noise: float = 0.5  # largest share of each condition's variance replaced by noise (see _blur_condition)
     ema: float = 0.995
