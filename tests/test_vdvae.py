@@ -94,7 +94,8 @@ def test_load_round_trip_th_safetensors_and_module_prefix(tmp_path, tiny, images
         assert not loaded.training
         assert loaded.state_dict().keys() == sd.keys()
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
-        np.testing.assert_array_equal(extract_latents(loaded, images, seed=3), want)
+        # same weights, same seed; another module instance may round differently by an ulp on some CPUs
+        np.testing.assert_allclose(extract_latents(loaded, images, seed=3), want, rtol=1e-5, atol=1e-5)
 
 
 def test_load_errors(tmp_path, tiny):
