@@ -8,15 +8,15 @@ Order: (1) a training pool of ``n_pool`` images with captions from the synthetic
 (2) CLIP text + vision towers, symmetric InfoNCE on (image, caption) pairs; (3) VDVAE, negative
 ELBO (DMoL likelihood + KL of every group) in nats/dim; (4) AutoencoderKL, L1 + MSE
 reconstruction + small KL, then the latent scaling factor is set to 1/std of the scaled latents as
-SD's 0.18215 was; (5) the dual-attention image UNet as an epsilon-prediction denoiser on the
-VAE latents with VD's scaled-linear schedule (t in ``[0, unet_t_max)``, density rising as t^(unet_t_power-1)), conditioned on the trained
-CLIP's vision tokens and caption-averaged text tokens (the features the ridge learns to predict),
-each condition replaced by its unconditional embedding (gray image / empty caption) with
-probability ``p_drop`` so classifier-free guidance works, each kept condition partly replaced by
-noise (``cond_noise``, as decoded embeddings are), and the text/vision mixing drawn per step so
-both transformers of every dual block learn; its conditions and latents are encoded once, from
-CLIP training's pixel values and the AutoencoderKL's scaling pass. EMA weights are saved for VDVAE
-and UNet.
+SD's 0.18215 was; (5) the dual-attention image UNet as an epsilon-prediction denoiser on the VAE
+latents with VD's scaled-linear schedule (t in ``[0, unet_t_max)``, density rising as
+t^(unet_t_power - 1)), conditioned on the trained CLIP's vision tokens and caption-averaged text
+tokens (the features the ridge learns to predict), each condition replaced by its unconditional
+embedding (gray image / empty caption) with probability ``p_drop`` so classifier-free guidance
+works, each kept condition partly replaced by noise (``cond_noise``, as decoded embeddings are), and
+the text/vision mixing drawn per step so both transformers of every dual block learn; its conditions
+and latents are encoded once, from CLIP training's pixel values and the AutoencoderKL's scaling
+pass. EMA weights are saved for VDVAE and UNet.
 Weights are written as fp16 safetensors (max output change measured and recorded) with
 ``manifest.json``: sha256 per file, config, seed, command, final losses, wall time.
 
@@ -82,7 +82,8 @@ class TrainConfig:
     unet_batch: int = 24  # more steps of fewer images beat 4,200 of 32 in the same time (issue 15 notes)
     unet_lr: float = 1e-3
     unet_t_max: int = 800  # training timesteps in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)
-    unet_t_power: float = 2.0  # timesteps t_max * u^(1/power): 44 % at t >= 600, where img2img takes the content from the condition (1: uniform)
+    # timesteps t_max * u^(1/power): 44 % at t >= 600, where img2img takes the content from the condition
+    unet_t_power: float = 2.0  # 1: uniform, the draw of the weights committed before
     p_drop: float = 0.15  # each condition independently replaced by its unconditional embedding
     cond_noise: float = 0.5  # largest share of each condition's variance replaced by noise (see _blur_condition)
     ema: float = 0.995
@@ -327,7 +328,7 @@ def _unet_batch(cfg: TrainConfig, data: dict, ac: torch.Tensor, rng: np.random.G
     idx = torch.from_numpy(rng.choice(len(mean), b, replace=False))
     z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
     t_max = min(cfg.unet_t_max, ac.shape[0])
-    if cfg.unet_t_power == 1.0:
+    if cfg.unet_t_power == 1.0:  # the former uniform draw, kept so its weights still rebuild bitwise
         t = torch.randint(0, t_max, (b,), generator=g)
     else:  # density proportional to t^(power - 1): more of the steps where the shape must come from the condition
         t = (t_max * torch.rand(b, generator=g) ** (1 / cfg.unet_t_power)).long().clamp_(max=t_max - 1)

@@ -74,7 +74,7 @@ def test_data_parallel_unet_takes_the_one_process_step():
 
 def test_unet_timestep_power_shifts_training_toward_high_noise():
     """``unet_t_power`` > 1 draws the UNet's training timesteps with a density rising with t (the
-    img2img steps that must take the shape from the condition); 1 is the committed uniform draw."""
+    img2img steps that must take the shape from the condition); 1 is the former uniform draw."""
     import numpy as np
     import torch
 
