@@ -278,18 +278,24 @@ def save_versatile(components: VersatileComponents, path: str | os.PathLike) -> 
 
 def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
                    vae_channels: tuple[int, ...] = (32, 32, 32, 32), norm_groups: int = 32,
-                   unet_channels: tuple[int, int] = (32, 64)) -> VersatileComponents:
+                   unet_channels: tuple[int, ...] = (32, 64),
+                   unet_cross_attention: tuple[bool, ...] = (True, False)) -> VersatileComponents:
     """Tiny random Versatile Diffusion with the real architectures (tests and the demo), CPU, float32.
 
-    VAE: 4 levels like SD's kl-f8, so images shrink 8× (64 px → 8×8 latents); UNets: 2 levels with
-    4 dual blocks (down, mid, 2× up). ``cross_attention_dim`` must equal the tiny CLIP projection
-    dim; ``vae_channels`` the VAE's width per level (four levels = 8x down-sampling); ``norm_groups`` the
-    GroupNorm groups of VAE and UNets (32 = one channel per group at this width, which strips each
-    channel's mean: harmless for random nets, but a trained VAE then cannot output flat colours, so
-    the trained miniature uses 4 channels per group as SD does); ``unet_channels`` the two UNets'
-    width per level (the trained miniature is wider than the unit tests' nets).
+    By default (the unit tests' nets) the VAE has 4 levels like SD's kl-f8, so images shrink 8×
+    (64 px → 8×8 latents), and the UNets 2 levels with 4 dual blocks (down, mid, 2× up).
+    ``cross_attention_dim`` must equal the tiny CLIP projection dim; ``vae_channels`` the VAE's width
+    per level (n levels = 2^(n-1)x down-sampling); ``norm_groups`` the GroupNorm groups of VAE and
+    UNets (32 = one channel per group at this width, which strips each channel's mean: harmless for
+    random nets, but a trained VAE then cannot output flat colours, so the trained miniature uses 4
+    channels per group as SD does); ``unet_channels`` the two UNets' width per level;
+    ``unet_cross_attention`` which levels (top first) have dual vision/text attention blocks, as
+    VD's UNet has them at its three upper levels and not at the lowest (the mid block always has one).
     Initialisation uses a private RNG stream, so the global torch seed is left untouched.
     """
+    if len(unet_cross_attention) != len(unet_channels):
+        raise ValueError(f"unet_cross_attention {unet_cross_attention} needs one entry per level of {unet_channels}")
+    attn = tuple(unet_cross_attention)
     apply_dual_transformer_patch()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -300,17 +306,21 @@ def tiny_versatile(seed: int = 0, cross_attention_dim: int = 32,
             layers_per_block=1, norm_num_groups=norm_groups, sample_size=64,
             scaling_factor=VD_SCALING_FACTOR,
         )
-        common = dict(sample_size=8, block_out_channels=tuple(unet_channels), layers_per_block=1,
+        common = dict(sample_size=64 // 2 ** (len(vae_channels) - 1),  # the latent side at 64 px
+                      block_out_channels=tuple(unet_channels), layers_per_block=1,
                       cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=norm_groups)
+
+        def blocks(kind: str, suffix: str) -> tuple[str, ...]:
+            names = tuple(("CrossAttn" if a else "") + f"{kind}Block{suffix}" for a in attn)
+            return names if kind == "Down" else names[::-1]
+
         image_unet = UNet2DConditionModel(
             in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **common,
+            down_block_types=blocks("Down", "2D"), up_block_types=blocks("Up", "2D"), **common,
         )
         text_unet = UNetFlatConditionModel(
             in_channels=cross_attention_dim, out_channels=cross_attention_dim,
-            down_block_types=("CrossAttnDownBlockFlat", "DownBlockFlat"),
-            up_block_types=("UpBlockFlat", "CrossAttnUpBlockFlat"), **common,
+            down_block_types=blocks("Down", "Flat"), up_block_types=blocks("Up", "Flat"), **common,
         )
     convert_to_dual_attention(image_unet, text_unet)
     return VersatileComponents(vae=vae.eval(), image_unet=image_unet.eval(), scheduler=vd_scheduler(),

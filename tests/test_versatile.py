@@ -107,6 +107,26 @@ def test_patch_needed_and_applied(comps):
     assert out.shape == h.shape and eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
 
 
+def test_tiny_versatile_places_dual_attention_at_the_levels_asked():
+    """The miniature's layout (three VAE levels = 16x16 latents at 64 px; dual attention at the UNet's
+    second level and mid block only) is built as asked and runs; a layout of the wrong length is refused."""
+    comps = vd.tiny_versatile(seed=0, vae_channels=(16, 32, 32), norm_groups=4, unet_channels=(32, 64, 128),
+                              unet_cross_attention=(False, True, False))
+    unet = comps.image_unet
+    assert comps.vae_scale_factor == 4 and unet.config.sample_size == 16
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    # one dual block in the second down level, two in its up level (layers_per_block + 1), one in the mid
+    assert len(vd.dual_blocks(unet)) == 1 + 2 + 1
+    assert all(vd.dual_blocks(b) == [] for b in (unet.down_blocks[0], unet.up_blocks[2]))
+    vd.set_dual_mixing(unet, 0.4, text_len=77, image_len=257)
+    with torch.no_grad():
+        eps = unet(torch.randn(1, 4, 16, 16), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 334, D)).sample
+    assert eps.shape == (1, 4, 16, 16) and torch.isfinite(eps).all()
+    with pytest.raises(ValueError, match="one entry per level"):
+        vd.tiny_versatile(unet_channels=(32, 64, 128), unet_cross_attention=(True, False))
+
+
 def test_dual_conversion_shares_text_unet_transformers(comps):
     blocks = dict((n, m) for n, m in comps.image_unet.named_modules() if isinstance(m, DualTransformer2DModel))
     assert len(blocks) == 4 and comps.image_unet.config.dual_cross_attention
