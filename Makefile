@@ -26,7 +26,8 @@ demo-all: demo
 	$(VPY) re_recon_main.py captions_demo
 	$(VPY) re_recon_main.py adv_pert_demo
 
-# Retrain the demo's miniature networks on CPU (seeded, bitwise reproducible on one CPU; 28-32 min on 2 cores) into miniature/weights/.
+# Retrain the demo's miniature networks on CPU into miniature/weights/ (seeded, bitwise reproducible on one CPU;
+# about 30 min on 2 cores, 45 on a slower one).
 demo-models: setup
 	$(VPY) -m miniature.train
 

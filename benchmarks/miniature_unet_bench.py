@@ -4,9 +4,10 @@ Reference approach: one process training on the full batch with every core as to
 (``unet_ranks = 1, unet_threads = cores``, how ``make demo-models`` trained the UNet before).
 Against it ``miniature.train.train_unet`` with ``unet_ranks = 2``: two processes of one thread
 each, half a batch each, DDP averaging the gradients. Both run the real training loop
-(``train_unet``) at the real sizes of ``make demo-models``: the 64/128-wide dual UNet, batch 24,
-8x8x4 latents, 257 vision and 77 text tokens of width 32, a pool of 10,000; the conditions are
-random tensors of those shapes (the step's arithmetic does not depend on their values).
+(``train_unet``) at the real sizes of ``make demo-models``: the miniature's dual UNet
+(``models.miniature.UNET_CHANNELS``), batch 24, its 4-channel latents (16x16), 257 vision and 77
+text tokens of width 32, a pool of 10,000; the conditions are random tensors of those shapes (the
+step's arithmetic does not depend on their values).
 
 Startup (spawning the rank, sending it the pool) is measured apart: each variant runs ``--warm``
 steps and then ``--warm + --steps`` steps, and the difference gives the steady s/step. The
@@ -54,8 +55,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     n = a.pool
+    side = 64 // miniature.build_versatile(seed=0).vae_scale_factor
     data = ((torch.randn(n, 257, 32, generator=g), torch.randn(n, 77, 32, generator=g)),
-            (torch.randn(n, 4, 8, 8, generator=g), 0.1 * torch.rand(n, 4, 8, 8, generator=g)))
+            (torch.randn(n, 4, side, side, generator=g), 0.1 * torch.rand(n, 4, side, side, generator=g)))
     print(f"cores {os.cpu_count()}, torch {torch.__version__}, pool {n}, batch {train.TrainConfig.unet_batch}")
     per_step = {"one process": [], "two ranks": []}
     weights = {}
@@ -68,10 +70,11 @@ def main(argv=None) -> int:
             print(f"repeat {r + 1}: {name:12s} {per_step[name][-1]:.3f} s/step (startup {short - a.warm * per_step[name][-1]:.1f} s)",
                   flush=True)
     ref, new = np.mean(per_step["one process"]), np.mean(per_step["two ranks"])
+    n_steps = train.TrainConfig.unet_steps
     w1, w2 = weights["one process"], weights["two ranks"]
     apart = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     print(f"one process ({a.threads} threads): {ref:.3f} s/step; two ranks (1 thread each): {new:.3f} s/step; "
-          f"speed-up {ref / new:.2f}x; 4,900 steps: {4900 * ref:.0f} s vs {4900 * new:.0f} s; "
+          f"speed-up {ref / new:.2f}x; {n_steps:,} steps: {n_steps * ref:.0f} s vs {n_steps * new:.0f} s; "
           f"weights max abs difference {apart:.2e}")
     return 0
 

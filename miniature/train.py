@@ -60,7 +60,7 @@ log = logging.getLogger("recon")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    n_pool: int = 10000  # 4,900 UNet steps of 24 = 12 passes: at 3,000 images (64 passes) it memorised
+    n_pool: int = 10000  # 4,200 UNet steps of 24 = 10 passes: at 3,000 images (64 passes) it memorised
     pool_image_size: int = 128  # the subjects' images are drawn at 128 px (configs/demo.toml)
     threads: int = 1  # per training process: tiny convolutions gain little from a second thread
     parallel: bool = True  # train the AutoencoderKL and VDVAE in two more processes while CLIP trains
@@ -78,7 +78,7 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4
-    unet_steps: int = 4900  # the 64/128-wide UNet: 0.20-0.27 s/step on two ranks; a rebuild of about 30 min
+    unet_steps: int = 4200  # the 32/64/128-wide UNet at 16x16: about 1.2x the former 8x8 UNet's step, which took 4,900
     unet_batch: int = 24  # more steps of fewer images beat 4,200 of 32 in the same time (issue 15 notes)
     unet_lr: float = 1e-3
     unet_t_max: int = 800  # training timesteps in [0, unet_t_max): strength 0.75 noises to t 741 (701 at 10 steps)

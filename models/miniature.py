@@ -12,7 +12,7 @@ Networks (architectures fixed here, weights from ``miniature.train``):
 * VDVAE: :meth:`models.vdvae.VDVAEConfig.miniature` (ELBO with the DMoL likelihood);
 * CLIP text + vision towers: transformers' CLIP classes at the tiny width of
   :meth:`models.clip.CLIPEmbedder.tiny` (contrastive on image-caption pairs);
-* AutoencoderKL (diffusers, 8x down-sampling) and the Versatile Diffusion image UNet with dual
+* AutoencoderKL (diffusers, 4x down-sampling: 16x16 latents) and the Versatile Diffusion image UNet with dual
   vision/text attention (conditional denoiser with condition dropout, VD's noise schedule).
 
 The evaluation networks and the iCNN VGG19/generator stay seeded random in both tiny modes.
@@ -56,14 +56,20 @@ def build_clip(seed: int = ARCH_SEED):
 def build_versatile(seed: int = ARCH_SEED):
     from models.versatile import tiny_versatile
 
-    return tiny_versatile(seed=seed, vae_channels=VAE_CHANNELS, norm_groups=NORM_GROUPS, unet_channels=UNET_CHANNELS)
+    return tiny_versatile(seed=seed, vae_channels=VAE_CHANNELS, norm_groups=NORM_GROUPS, unet_channels=UNET_CHANNELS,
+                          unet_cross_attention=UNET_CROSS_ATTENTION)
 
 
-#: AutoencoderKL of the miniature: four levels (8x down-sampling, as SD's kl-f8), narrow at 64 px.
-VAE_CHANNELS = (16, 32, 32, 32)
-#: Width per level of the dual UNet (the unit tests' random one: 32, 64). At 32/64 it rendered the
-#: background and place but rarely the shape or the object's colour, even from exact embeddings.
-UNET_CHANNELS = (64, 128)
+#: AutoencoderKL of the miniature: three levels, 4x down-sampling, so 64 px images give 16x16
+#: latents. SD's kl-f8 gives 64x64 latents at 512 px; at 64 px an 8x down-sampling left an 8x8
+#: latent in which a circle and a square of the same colour and place differ by a tenth of the
+#: latent's spread, and the UNet drew the average of the shapes.
+VAE_CHANNELS = (16, 32, 32)
+#: Width per level of the dual UNet (the unit tests' random one: 32, 64, at 8x8): 16x16, 8x8, 4x4.
+UNET_CHANNELS = (32, 64, 128)
+#: Dual attention at the 8x8 level and in the mid block (4x4) only, the 16x16 level being
+#: convolutions: attention at 16x16 would double the training step's cost.
+UNET_CROSS_ATTENTION = (False, True, False)
 #: GroupNorm groups of the miniature VAE and UNet: 4 channels per group at the first level (SD: 4 of 128).
 NORM_GROUPS = 4
 
