@@ -70,7 +70,7 @@ UNET_CHANNELS = (32, 64, 128)
 #: Dual attention at the 8x8 level and in the mid block (4x4) only, the 16x16 level being
 #: convolutions: attention at 16x16 would double the training step's cost.
 UNET_CROSS_ATTENTION = (False, True, False)
-#: GroupNorm groups of the miniature VAE and UNet: 4 channels per group at the first level (SD: 4 of 128).
+#: GroupNorm groups of the miniature VAE and UNet: 4 channels per group at the VAE's first level (SD: 4 of 128).
 NORM_GROUPS = 4
 
 

@@ -54,10 +54,11 @@ def test_data_parallel_unet_takes_the_one_process_step():
     g = torch.Generator().manual_seed(0)
     n = 32
     conditions = torch.randn(n, 257, 32, generator=g), torch.randn(n, 77, 32, generator=g)
-    side = 64 // miniature.build_versatile(seed=0).vae_scale_factor  # the miniature's latents at 64 px
+    start = miniature.build_versatile(seed=0)
+    side = 64 // start.vae_scale_factor  # the miniature's latents at 64 px
     latents = torch.randn(n, 4, side, side, generator=g), 0.1 * torch.rand(n, 4, side, side, generator=g)
     clip = miniature.build_clip(seed=0)
-    init = {k: v.clone() for k, v in miniature.build_versatile(seed=0).image_unet.state_dict().items()}
+    init = {k: v.clone() for k, v in start.image_unet.state_dict().items()}
     out = {}
     for ranks in (1, 2):
         comps = miniature.build_versatile(seed=0)
