@@ -97,3 +97,49 @@ def test_unet_timestep_power_shifts_training_toward_high_noise():
     assert float((ts[1.0] >= 600).double().mean()) == pytest.approx(0.25, abs=0.025)
     assert float(ts[2.0].mean()) == pytest.approx(533.3, abs=12)
     assert float((ts[2.0] >= 600).double().mean()) == pytest.approx(0.4375, abs=0.025)
+
+
+def test_object_weights_mark_the_outline_only():
+    """A 32 px square at pixels 16-47 of a 64 px image covers latent pixels 4-11 of 16 exactly: the
+    outline weight (3x3 max minus 3x3 min of the coverage) is 1 + weight on rows/columns 3-4 and
+    11-12 of its ring, 1 in the interior (5-10) and far outside; a uniform image has no outline."""
+    import numpy as np
+
+    img = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    img[:] = (20, 40, 200)
+    img[0, 16:48, 16:48] = (250, 200, 0)
+    w = train.object_weights(img, 16, 4.0)
+    assert w.shape == (2, 1, 16, 16)
+    ring = np.zeros((16, 16), dtype=bool)
+    ring[3:13, 3:13] = True
+    ring[5:11, 5:11] = False
+    np.testing.assert_allclose(w[0, 0][ring], 5.0)
+    np.testing.assert_allclose(w[0, 0][~ring], 1.0)
+    np.testing.assert_allclose(w[1], 1.0)
+
+
+def test_unet_object_weight_changes_the_training_step():
+    """``unet_object_weight`` > 0 weighs the UNet's loss by ``object_weights`` (a tried and not adopted
+    setting, README): the same seed then takes other steps, while the logged loss stays the plain MSE
+    of the same batches' predictions (equal at the first step, before the weights part)."""
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    conditions = torch.randn(n, 257, 32, generator=g), torch.randn(n, 77, 32, generator=g)
+    side = 64 // miniature.build_versatile(seed=0).vae_scale_factor
+    latents = torch.randn(n, 4, side, side, generator=g), 0.1 * torch.rand(n, 4, side, side, generator=g)
+    images = np.zeros((n, 64, 64, 3), dtype=np.uint8)
+    images[:, 16:48, 16:48] = 255
+    clip = miniature.build_clip(seed=0)
+    out = {}
+    for weight in (0.0, 4.0):
+        cfg = train.TrainConfig(unet_batch=4, unet_steps=4, ema=0.0, unet_ranks=1, unet_threads=1,
+                                unet_object_weight=weight)
+        comps, run = train.train_unet(cfg, miniature.build_versatile(seed=0), clip, conditions, latents,
+                                      cfg.unet_steps, np.random.default_rng(0), images)
+        out[weight] = comps.image_unet.state_dict(), [c["mse"] for c in run.curve]
+    (w0, l0), (w4, l4) = out[0.0], out[4.0]
+    assert l0[0] == pytest.approx(l4[0], rel=1e-6)
+    assert any(not torch.equal(w0[k], w4[k]) for k in w0)
