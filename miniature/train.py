@@ -412,8 +412,7 @@ def object_weights(images: np.ndarray, latent_size: int, weight: float) -> np.nd
     mask = np.linalg.norm(img - bg, axis=-1) > 60
     n, size = len(img), img.shape[1]
     k = size // latent_size
-    cover = torch.from_numpy(mask.reshape(n, latent_size, k, latent_size, k).mean(axis=(2, 4)).astype(np.float32))
-    cover = cover[:, None]
+    cover = torch.from_numpy(mask.reshape(n, 1, latent_size, k, latent_size, k).mean(axis=(3, 5)).astype(np.float32))
     outline = F.max_pool2d(cover, 3, stride=1, padding=1) + F.max_pool2d(-cover, 3, stride=1, padding=1)
     return (1 + weight * outline).numpy()
 
@@ -547,6 +546,8 @@ def main(argv=None) -> int:
         p.error(f"unet_batch ({cfg.unet_batch}) must split evenly over unet_ranks ({cfg.unet_ranks})")
     if cfg.unet_t_power <= 0:
         p.error(f"unet_t_power must be > 0, got {cfg.unet_t_power}")
+    if cfg.unet_object_weight < 0:
+        p.error(f"unet_object_weight must be >= 0, got {cfg.unet_object_weight}")
     torch.set_num_threads(cfg.threads)
     t_all = time.time()
     times = {}

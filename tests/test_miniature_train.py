@@ -35,7 +35,7 @@ def test_training_is_reproducible_and_loadable(tmp_path):
 
 
 def test_unknown_or_malformed_overrides_exit_2(tmp_path, capsys):
-    for bad in ("no_such_field=1", "parallel=maybe", "unet_t_power=0"):
+    for bad in ("no_such_field=1", "parallel=maybe", "unet_t_power=0", "unet_object_weight=-1"):
         with pytest.raises(SystemExit) as e:
             train.main(["--out", str(tmp_path), "--set", bad])
         assert e.value.code == 2
