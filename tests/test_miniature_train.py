@@ -35,7 +35,8 @@ def test_training_is_reproducible_and_loadable(tmp_path):
 
 
 def test_unknown_or_malformed_overrides_exit_2(tmp_path, capsys):
-    for bad in ("no_such_field=1", "parallel=maybe", "unet_t_power=0", "unet_object_weight=-1"):
+    for bad in ("no_such_field=1", "parallel=maybe", "unet_t_power=0", "unet_object_weight=-1",
+                "vdvae_kl_warmup=1.5"):
         with pytest.raises(SystemExit) as e:
             train.main(["--out", str(tmp_path), "--set", bad])
         assert e.value.code == 2
@@ -143,3 +144,25 @@ def test_unet_object_weight_changes_the_training_step():
     (w0, l0), (w4, l4) = out[0.0], out[4.0]
     assert l0[0] == pytest.approx(l4[0], rel=1e-6)
     assert any(not torch.equal(w0[k], w4[k]) for k in w0)
+
+
+def test_vdvae_kl_warmup_ramps_the_rate_weight_then_trains_the_plain_elbo():
+    """``vdvae_kl_warmup`` = 0.5 of 8 steps weighs the KL term i / 4 at step i (0, .25, .5, .75, then 1),
+    so the same seed takes other steps than the plain ELBO (0), while the logged ELBO stays the full
+    one (equal at the first step, before any update)."""
+    import numpy as np
+    import torch
+
+    side = miniature.build_vdvae().config.image_size
+    small = np.random.default_rng(0).integers(0, 256, (32, side, side, 3), dtype=np.uint8)
+    out = {}
+    for warm in (0.0, 0.5):
+        cfg = train.TrainConfig(vdvae_batch=2, vdvae_kl_warmup=warm, ema=0.0)
+        model, run = train.train_vdvae(cfg, small, 8, np.random.default_rng(0))
+        out[warm] = model.state_dict(), run.curve
+    (w0, c0), (w5, c5) = out[0.0], out[0.5]
+    assert [c["kl_weight"] for c in c5] == pytest.approx([0, .25, .5, .75, 1, 1, 1, 1])
+    assert [c["kl_weight"] for c in c0] == pytest.approx([1] * 8)
+    assert c0[0]["elbo"] == pytest.approx(c5[0]["elbo"], rel=1e-6)
+    assert c5[0]["elbo"] == pytest.approx(c5[0]["distortion"] + c5[0]["rate"], rel=1e-5)
+    assert any(not torch.equal(w0[k], w5[k]) for k in w0)
