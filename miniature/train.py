@@ -242,7 +242,9 @@ def train_vdvae(cfg: TrainConfig, small, steps: int, rng: np.random.Generator, t
         x = data[rng.choice(len(data), cfg.vdvae_batch, replace=False)]
         out = m.elbo(model, (x + shift) * scale, x / 127.5 - 1.0, generator=g)
         beta = min(1.0, i / (cfg.vdvae_kl_warmup * steps)) if cfg.vdvae_kl_warmup > 0 else 1.0
-        run.step(i, out["distortion"] + beta * out["rate"],
+        # at weight 1 the ELBO itself, so that without the warm-up the steps round as they did before it
+        loss = out["loss"] if beta == 1.0 else out["distortion"] + beta * out["rate"]
+        run.step(i, loss,
                  {"elbo": out["loss"].item(), "distortion": out["distortion"].item(),
                   "rate": out["rate"].item(), "kl_weight": beta}, model)
     return ema.eval(), run

@@ -135,8 +135,7 @@ def test_trained_vdvae_keeps_the_shapes_through_encode_decode():
     side = model.config.image_size
     small = np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.Resampling.BILINEAR)) for im in stim])
     lat = m.extract_latents(model, stim, posterior="mean", progress=False)
-    rec = m.decode_latents(model, lat, pixels="mean", progress=False)
-    rec = np.stack([np.asarray(Image.fromarray(r).resize((side, side), Image.Resampling.BILINEAR)) for r in rec])
+    rec = m.decode_latents(model, lat, pixels="mean", progress=False)  # (96, side, side, 3)
     shape_of = {i: s for i, c in enumerate(caps[:, 0]) for s in SHAPES if f" {s}" in str(c)}
     seen = {i: _centred(_object_mask(small[i])) for i in shape_of}
     hits = 0
